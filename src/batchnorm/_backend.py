@@ -1,0 +1,188 @@
+"""The backend protocol: what a backend implements, and defaults for the small parts.
+
+The core (``batchnorm._api``) validates arguments, resolves the channel axis into a 3-D
+strided view ``(outer, C, inner)``, chooses dtypes, and calls the methods below. A backend
+only computes. Every array a method receives is already *native* to the backend (see
+:meth:`Backend.as_native`) and every ``x3``/``dy3``/``out3`` argument is a 3-D view whose
+axis 1 is the channel axis; it may have any strides (even negative or zero-free gaps).
+
+Two phases, so a multi-process version can all-reduce between them:
+
+* phase 1, per-channel reductions: :meth:`channel_stats` (mean and M2, mergeable with
+  Chan's formula) and :meth:`grad_sums` (sum dy and sum dy*(x - mean));
+* phase 2, elementwise: :meth:`normalize` and :meth:`input_grad`.
+
+:meth:`forward_train` and :meth:`backward_train` compose the phases; a backend may override
+them with fused kernels. The per-channel steps (:meth:`finish_stats`, :meth:`param_grads`,
+:meth:`update_running_stats`) have defaults written with the backend's array module
+``xp``; a backend whose arrays have no such module (e.g. Numba device arrays) overrides them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+class Backend(ABC):
+    """Base class of batch-norm backends.
+
+    Subclass it, set :attr:`name`, implement the four kernels (:meth:`channel_stats`,
+    :meth:`grad_sums`, :meth:`normalize`, :meth:`input_grad`), and register the class
+    under the entry-point group ``batchnorm.backends``.
+
+    Attributes
+    ----------
+    name : str
+        The name users select the backend by.
+    priority : int
+        Order of automatic selection among the backends that accept an array: higher first.
+    xp : module or None
+        The array module (``numpy``, ``cupy``) the default per-channel steps use.
+    """
+
+    name: ClassVar[str] = ""
+    priority: ClassVar[int] = 0
+    xp: Any = np
+
+    # -- identity and availability -------------------------------------------------------
+    @property
+    def version(self) -> str:
+        """Version string of the library the kernels are built on."""
+        return np.__version__
+
+    def unavailable_reason(self) -> str | None:
+        """Return why this backend cannot run here, or None when it can."""
+        return None
+
+    def accepts(self, array: Any) -> bool:
+        """Whether ``array`` is of a kind this backend computes on (no transfer needed)."""
+        return isinstance(array, np.ndarray)
+
+    def devices(self) -> list[str]:
+        """Human-readable names of the devices the backend would run on."""
+        return []
+
+    # -- array plumbing --------------------------------------------------------------------
+    def as_native(self, array: Any) -> Any:
+        """Return a zero-copy view of an accepted array as the backend's native type.
+
+        The native type must have NumPy-style ``shape``, ``dtype`` and ``strides`` (bytes).
+        """
+        return array
+
+    def to_user(self, native: Any, like: Any) -> Any:
+        """Return ``native`` (a result) as the array type of the user's input ``like``."""
+        return native
+
+    def empty(self, shape: tuple[int, ...], dtype: Any, like: Any) -> Any:
+        """Allocate an uninitialised native array on the device of ``like``."""
+        return self.xp.empty(shape, dtype=dtype)
+
+    def empty_like(self, array: Any) -> Any:
+        """Allocate a native array of ``array``'s shape, dtype and memory order."""
+        return self.xp.empty_like(array)
+
+    def strided_view(self, array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
+        """Return a view of native ``array``'s memory with the given shape and byte strides."""
+        return self.xp.lib.stride_tricks.as_strided(array, shape, strides)
+
+    def may_share_memory(self, a: Any, b: Any) -> bool:
+        """Whether two native arrays may overlap in memory."""
+        return bool(self.xp.may_share_memory(a, b))
+
+    def copy_into(self, dst: Any, src: Any) -> None:
+        """Copy native ``src`` into native ``dst`` of the same shape."""
+        self.xp.copyto(dst, src)
+
+    def from_host(self, array: np.ndarray) -> Any:
+        """Explicitly transfer a NumPy array to this backend's array type (used by tests)."""
+        return self.xp.asarray(array)
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """Explicitly transfer one of this backend's arrays to a NumPy array."""
+        return np.asarray(array)
+
+    # -- phase 1: per-channel reductions -----------------------------------------------------
+    @abstractmethod
+    def channel_stats(self, x3: Any) -> tuple[Any, Any]:
+        """Per-channel mean and M2 (sum of squared deviations) of ``x3`` over axes 0 and 2.
+
+        Returns float arrays of length C in the backend's accumulation dtype (at least
+        float32). Must be computed stably (two-pass or Welford/Chan), never as
+        ``E[x^2] - E[x]^2``. The count is ``x3.shape[0] * x3.shape[2]``.
+        """
+
+    @abstractmethod
+    def grad_sums(self, dy3: Any, x3: Any, mean: Any) -> tuple[Any, Any]:
+        """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` over axes 0 and 2."""
+
+    # -- phase 2: elementwise -------------------------------------------------------------------
+    @abstractmethod
+    def normalize(self, x3, mean, invstd, weight, bias, out3) -> None:
+        """Write ``(x - mean) * (weight * invstd) + bias`` into ``out3``.
+
+        ``mean``, ``weight`` and ``bias`` may be None, meaning 0, 1 and 0. Arithmetic is done
+        in float32 at least (float64 for float64 input).
+        """
+
+    @abstractmethod
+    def input_grad(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3) -> None:
+        """Write the training-mode input gradient into ``out3``.
+
+        ``dx = weight * invstd * (dy - sum_dy / n - (x - mean) * invstd**2 * sum_dy_xmu / n)``
+        with ``n = x3.shape[0] * x3.shape[2]``; ``weight`` None means 1.
+        """
+
+    # -- composed paths (override to fuse) ------------------------------------------------------
+    def forward_train(self, x3, weight, bias, eps: float, out3, stat_dtype) -> tuple[Any, Any, Any]:
+        """Batch statistics and normalized output in one call.
+
+        Returns ``(mean, var, invstd)`` of dtype ``stat_dtype`` (``var`` biased).
+        """
+        mean_acc, m2 = self.channel_stats(x3)
+        mean, var, invstd = self.finish_stats(mean_acc, m2, x3.shape[0] * x3.shape[2], eps,
+                                              stat_dtype)
+        self.normalize(x3, mean, invstd, weight, bias, out3)
+        return mean, var, invstd
+
+    def backward_train(self, dy3, x3, mean, invstd, weight, out3) -> tuple[Any, Any]:
+        """Training-mode input gradient into ``out3``; returns ``(sum_dy, sum_dy_xmu)``."""
+        sum_dy, sum_dy_xmu = self.grad_sums(dy3, x3, mean)
+        self.input_grad(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3)
+        return sum_dy, sum_dy_xmu
+
+    # -- per-channel steps (defaults use self.xp) ----------------------------------------------
+    def finish_stats(self, mean, m2, count: int, eps: float, stat_dtype) -> tuple[Any, Any, Any]:
+        """From mean and M2 over ``count`` values: ``(mean, var, invstd)`` in ``stat_dtype``.
+
+        ``var = max(m2 / count, 0)`` (biased) and ``invstd = 1 / sqrt(var + eps)``. With
+        ``count = 1`` and ``m2`` a variance this turns running statistics into eval ones.
+        """
+        xp = self.xp
+        acc = np.promote_types(m2.dtype, stat_dtype)
+        var = xp.maximum(m2.astype(acc) / count, 0)
+        invstd = 1 / xp.sqrt(var + eps)
+        return mean.astype(stat_dtype), var.astype(stat_dtype), invstd.astype(stat_dtype)
+
+    def param_grads(self, sum_dy, sum_dy_xmu, invstd, weight_dtype, bias_dtype):
+        """``(dweight, dbias) = (sum_dy_xmu * invstd, sum_dy)`` in the parameters' dtypes."""
+        dweight = (sum_dy_xmu * invstd.astype(sum_dy_xmu.dtype)).astype(weight_dtype)
+        return dweight, sum_dy.astype(bias_dtype)
+
+    def update_running_stats(self, running_mean, running_var, batch_mean, batch_var,
+                             count: int, momentum: float) -> None:
+        """In place: ``running = (1 - momentum) * running + momentum * batch``.
+
+        ``batch_var`` is biased; the running variance takes the unbiased
+        ``batch_var * count / (count - 1)``. Running arrays keep their dtype.
+        """
+        xp = self.xp
+        acc = np.promote_types(running_mean.dtype, batch_mean.dtype)
+        unbiased = batch_var.astype(acc) * (count / (count - 1))
+        new_mean = (1 - momentum) * running_mean.astype(acc) + momentum * batch_mean.astype(acc)
+        new_var = (1 - momentum) * running_var.astype(acc) + momentum * unbiased
+        running_mean[...] = new_mean.astype(running_mean.dtype)
+        running_var[...] = new_var.astype(running_var.dtype)
