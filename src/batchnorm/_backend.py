@@ -98,8 +98,8 @@ class Backend(ABC):
         self.xp.copyto(dst, src)
 
     def from_host(self, array: np.ndarray) -> Any:
-        """Explicitly transfer a NumPy array to this backend's array type (used by tests)."""
-        return self.xp.asarray(array)
+        """Explicitly transfer (always copy) a NumPy array to this backend's array type."""
+        return self.xp.array(array, copy=True)
 
     def to_host(self, array: Any) -> np.ndarray:
         """Explicitly transfer one of this backend's arrays to a NumPy array."""

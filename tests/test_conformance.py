@@ -1,0 +1,413 @@
+"""The shared conformance suite: every backend against the float64 NumPy reference.
+
+Each test takes the `backend` fixture (tests/conftest.py) and compares with
+``backend="numpy"`` on the same inputs, within batchnorm.testing's per-dtype tolerances.
+The reference itself is pinned by the finite-difference check and the hand-derived cases at
+the end of this file (and by tests/test_torch_semantics.py against PyTorch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import batchnorm as bn
+from batchnorm.testing import assert_close
+
+DTYPES = [np.float16, np.float32, np.float64]
+
+# (shape, channel axis): 2-D to 6-D, channels-first, channels-last, a middle axis, axis 0.
+SHAPES = [
+    ((8, 3), 1),
+    ((4, 3, 5), 1),
+    ((2, 3, 4, 5), 1),
+    ((2, 3, 2, 3, 4), 1),
+    ((2, 2, 3, 1, 2, 2), 1),
+    ((2, 4, 3, 5), -1),
+    ((3, 4, 5), 2),
+    ((4, 3, 5), 0),
+    ((2, 1, 3), 1),  # C = 1
+    ((2, 5), 1),  # N*L = 2 per channel
+]
+
+
+def param_dtype(dtype):
+    """Parameters and running stats: float32 for float16 input (mixed precision)."""
+    return np.float32 if dtype == np.float16 else dtype
+
+
+def make_inputs(shape, axis, dtype, seed=0, affine=True):
+    rng = np.random.default_rng(seed)
+    c = shape[axis]
+    pd = param_dtype(dtype)
+    return {
+        "x": (rng.standard_normal(shape) * 2 + 0.5).astype(dtype),
+        "dy": rng.standard_normal(shape).astype(dtype),
+        "weight": rng.uniform(0.5, 1.5, c).astype(pd) if affine else None,
+        "bias": rng.standard_normal(c).astype(pd) if affine else None,
+        "running_mean": rng.standard_normal(c).astype(pd),
+        "running_var": rng.uniform(0.5, 2.0, c).astype(pd),
+    }
+
+
+def run_forward(case, inp, *, training, axis, backend_name=None, **kwargs):
+    """forward() on `case`'s arrays; returns host results and host running stats."""
+    put = case.put if case is not None else (lambda a: None if a is None else a.copy())
+    get = case.get if case is not None else (lambda a: a)
+    rm, rv = put(inp["running_mean"]), put(inp["running_var"])
+    y, mean, invstd = bn.forward(put(inp["x"]), put(inp["weight"]), put(inp["bias"]), rm, rv,
+                                 training=training, axis=axis,
+                                 backend=backend_name or case.name, **kwargs)
+    return get(y), get(mean), get(invstd), get(rm), get(rv)
+
+
+def reference_forward(inp, **kwargs):
+    return run_forward(None, inp, backend_name="numpy", **kwargs)
+
+
+def assert_forward_matches(backend, inp, *, training, axis, **kwargs):
+    dtype = inp["x"].dtype
+    got = run_forward(backend, inp, training=training, axis=axis, **kwargs)
+    want = reference_forward(inp, training=training, axis=axis, **kwargs)
+    for name, g, w in zip(("y", "mean", "invstd", "running_mean", "running_var"), got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype, name
+        assert_close(g, w, dtype, name)
+
+
+def assert_backward_matches(backend, inp, *, training, axis):
+    dtype = inp["x"].dtype
+    x, w = inp["x"], inp["weight"]
+    _, mean, invstd, _, _ = reference_forward(inp, training=training, axis=axis)
+    want = bn.backward(inp["dy"], x, w, mean, invstd, training=training, axis=axis,
+                       backend="numpy")
+    got = bn.backward(backend.put(inp["dy"]), backend.put(x), backend.put(w),
+                      backend.put(mean), backend.put(invstd), training=training, axis=axis,
+                      backend=backend.name)
+    for name, g, e in zip(("dx", "dweight", "dbias"), got, want):
+        if e is None:
+            assert g is None, name
+            continue
+        g = backend.get(g)
+        assert g.shape == e.shape and g.dtype == e.dtype, name
+        assert_close(g, e, dtype, name)
+
+
+# -- forward and backward over shapes, axes, dtypes, affine ------------------------------------
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_forward(backend, training, shape, axis, dtype, affine):
+    inp = make_inputs(shape, axis, dtype, affine=affine)
+    assert_forward_matches(backend, inp, training=training, axis=axis, momentum=0.3)
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_backward(backend, training, shape, axis, dtype, affine):
+    inp = make_inputs(shape, axis, dtype, affine=affine)
+    assert_backward_matches(backend, inp, training=training, axis=axis)
+
+
+def large_shape(backend, channels_last):
+    """Big enough to take a backend's parallel paths (tiny under the CUDA simulator)."""
+    shape = (2, 3, 64) if backend.simulated else (16, 3, 128 * 128)
+    return (shape[0] * shape[2], shape[1]) if channels_last else shape
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCL", "NC"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_large(backend, channels_last, dtype):
+    shape = large_shape(backend, channels_last)
+    inp = make_inputs(shape, 1, dtype, seed=3)
+    assert_forward_matches(backend, inp, training=True, axis=1)
+    assert_forward_matches(backend, inp, training=False, axis=1)
+    assert_backward_matches(backend, inp, training=True, axis=1)
+
+
+# -- memory layouts ------------------------------------------------------------------------------
+# name -> (base shape, view). Views use basic slicing only, so they apply to every array type.
+SLICED_VIEWS = {
+    "batch_step": ((8, 3, 5, 6), lambda a: a[::2]),
+    "inner_step": ((4, 3, 5, 12), lambda a: a[..., ::3]),
+    "middle_step": ((4, 3, 6, 5), lambda a: a[:, :, ::2, :]),  # no 3-D view: copied once
+    "channel_step": ((4, 6, 5), lambda a: a[:, ::2]),
+    "reversed": ((4, 3, 5), lambda a: a[:, :, ::-1]),
+    "offset": ((5, 4, 7), lambda a: a[1:, 1:, 2:]),
+}
+
+
+@pytest.mark.parametrize("view", sorted(SLICED_VIEWS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: np.dtype(d).name)
+def test_sliced_inputs(backend, view, dtype):
+    base_shape, take = SLICED_VIEWS[view]
+    rng = np.random.default_rng(1)
+    x_base = rng.standard_normal(base_shape).astype(dtype)
+    dy_base = rng.standard_normal(base_shape).astype(dtype)
+    x_host, dy_host = take(x_base), take(dy_base)
+    c = x_host.shape[1]
+    w = rng.uniform(0.5, 1.5, c).astype(dtype)
+    b = rng.standard_normal(c).astype(dtype)
+    x_dev, dy_dev = take(backend.put(x_base)), take(backend.put(dy_base))
+
+    y, mean, invstd = bn.forward(x_dev, backend.put(w), backend.put(b), backend=backend.name)
+    y_ref, mean_ref, invstd_ref = bn.forward(np.ascontiguousarray(x_host), w, b,
+                                             backend="numpy")
+    assert_close(backend.get(y), y_ref, dtype, "y")
+    assert_close(backend.get(invstd), invstd_ref, dtype, "invstd")
+    dx, dw, db = bn.backward(dy_dev, x_dev, backend.put(w), mean, invstd, backend=backend.name)
+    dx_ref, dw_ref, db_ref = bn.backward(np.ascontiguousarray(dy_host),
+                                         np.ascontiguousarray(x_host), w, mean_ref, invstd_ref,
+                                         backend="numpy")
+    assert_close(backend.get(dx), dx_ref, dtype, "dx")
+    assert_close(backend.get(dw), dw_ref, dtype, "dweight")
+    assert_close(backend.get(db), db_ref, dtype, "dbias")
+    np.testing.assert_array_equal(backend.get(x_base), x_base)  # input untouched
+
+
+@pytest.mark.parametrize("layout", ["fortran", "nhwc_memory_as_nchw"])
+def test_strided_layouts(backend, layout):
+    """Fortran order and a transposed NHWC buffer, both handed over as NCHW views."""
+    rng = np.random.default_rng(2)
+    if layout == "fortran":
+        host = np.asfortranarray(rng.standard_normal((4, 3, 5, 6)).astype(np.float32))
+    else:
+        host = rng.standard_normal((4, 5, 6, 3)).astype(np.float32).transpose(0, 3, 1, 2)
+    base = backend.put(np.ascontiguousarray(host.transpose(np.argsort(host.strides)[::-1])))
+    dev = backend.backend.strided_view(backend.backend.as_native(base), host.shape, host.strides)
+    dev = backend.backend.to_user(dev, base)
+    y, mean, invstd = bn.forward(dev, backend=backend.name)
+    y_ref, _, invstd_ref = bn.forward(np.ascontiguousarray(host), backend="numpy")
+    assert_close(backend.get(y), y_ref, np.float32, "y")
+    assert_close(backend.get(invstd), invstd_ref, np.float32, "invstd")
+
+
+def test_out_argument(backend):
+    inp = make_inputs((4, 3, 5), 1, np.float32)
+    out = backend.put(np.full_like(inp["x"], np.nan))
+    x = backend.put(inp["x"])
+    y, _, _ = bn.forward(x, out=out, backend=backend.name)
+    assert y is out
+    y_ref, mean, invstd = bn.forward(inp["x"], backend="numpy")
+    assert_close(backend.get(out), y_ref, np.float32, "out")
+    dx_out = backend.put(np.full_like(inp["x"], np.nan))
+    dx, _, _ = bn.backward(backend.put(inp["dy"]), x, None, backend.put(mean),
+                           backend.put(invstd), out=dx_out, backend=backend.name)
+    assert dx is dx_out
+    dx_ref, _, _ = bn.backward(inp["dy"], inp["x"], None, mean, invstd, backend="numpy")
+    assert_close(backend.get(dx_out), dx_ref, np.float32, "dx out")
+
+
+def test_inputs_not_modified(backend):
+    inp = make_inputs((4, 3, 5), 1, np.float32)
+    dev = {k: backend.put(v) for k, v in inp.items()}
+    y, mean, invstd = bn.forward(dev["x"], dev["weight"], dev["bias"], backend=backend.name)
+    bn.backward(dev["dy"], dev["x"], dev["weight"], mean, invstd, backend=backend.name)
+    for k, v in inp.items():
+        np.testing.assert_array_equal(backend.get(dev[k]), v, err_msg=k)
+
+
+def test_result_types(backend):
+    x = backend.put(np.ones((4, 3), np.float16) + np.arange(3, dtype=np.float16))
+    x[0] = backend.put(np.zeros(3, np.float16))
+    y, mean, invstd = bn.forward(x, backend=backend.name)
+    assert type(y) is type(x) and type(mean) is type(x)
+    assert y.dtype == np.float16 and mean.dtype == np.float32 and invstd.dtype == np.float32
+    x64 = backend.put(np.arange(8.0).reshape(4, 2))
+    _, mean, invstd = bn.forward(x64, backend=backend.name)
+    assert mean.dtype == np.float64 and invstd.dtype == np.float64
+
+
+def test_update_running_stats(backend):
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        rm, rv = rng.standard_normal(5).astype(dtype), rng.uniform(1, 2, 5).astype(dtype)
+        bm, bv = rng.standard_normal(5).astype(dtype), rng.uniform(1, 2, 5).astype(dtype)
+        rm_dev, rv_dev = backend.put(rm), backend.put(rv)
+        bn.update_running_stats(rm_dev, rv_dev, backend.put(bm), backend.put(bv), 10, 0.25,
+                                backend=backend.name)
+        assert_close(backend.get(rm_dev), 0.75 * rm + 0.25 * bm, dtype, "running_mean")
+        assert_close(backend.get(rv_dev), 0.75 * rv + 0.25 * bv * 10 / 9, dtype, "running_var")
+        assert backend.get(rm_dev).dtype == dtype
+
+
+# -- numerics: the known traps -------------------------------------------------------------------
+def test_large_mean_small_std_float32(backend):
+    """mean 1e4, std 1e-2: E[x^2] - E[x]^2 loses every digit here; two-pass/Welford does not."""
+    n = 64 if backend.simulated else 4096
+    rng = np.random.default_rng(5)
+    x = (1e4 + 1e-2 * rng.standard_normal((n, 2))).astype(np.float32)
+    exact = x.astype(np.float64)
+    y, mean, invstd = bn.forward(backend.put(x), eps=0.0, backend=backend.name)
+    np.testing.assert_allclose(backend.get(mean), exact.mean(0), rtol=1e-7)
+    np.testing.assert_allclose(backend.get(invstd), 1 / exact.std(0), rtol=1e-3)
+    y = backend.get(y).astype(np.float64)
+    np.testing.assert_allclose(y.std(0), 1.0, rtol=1e-2)
+    np.testing.assert_allclose(y.mean(0), 0.0, atol=0.05)
+
+
+def test_constant_channel(backend):
+    x = np.ones((6, 3), np.float32) * np.array([2.5, -7.0, 0.0], np.float32)
+    b = np.array([0.25, 0.5, -1.0], np.float32)
+    y, mean, invstd = bn.forward(backend.put(x), None, backend.put(b), eps=1e-5,
+                                 backend=backend.name)
+    np.testing.assert_array_equal(backend.get(y), np.broadcast_to(b, x.shape))
+    np.testing.assert_allclose(backend.get(invstd), 1 / np.sqrt(np.float32(1e-5)), rtol=1e-6)
+    dx, _, _ = bn.backward(backend.put(np.ones_like(x)), backend.put(x), None, mean, invstd,
+                           backend=backend.name)
+    np.testing.assert_allclose(backend.get(dx), 0.0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scale,dtype", [(1e15, np.float32), (1e-15, np.float32),
+                                         (1e150, np.float64), (1e-150, np.float64)],
+                         ids=["huge32", "tiny32", "huge64", "tiny64"])
+def test_extreme_magnitudes(backend, scale, dtype):
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((16, 3)) * scale).astype(dtype)
+    y, mean, invstd = bn.forward(backend.put(x), eps=0.0, backend=backend.name)
+    y_ref, _, invstd_ref = bn.forward(x, eps=0.0, backend="numpy")
+    assert np.all(np.isfinite(backend.get(y)))
+    assert_close(backend.get(y), y_ref, dtype, "y")
+    np.testing.assert_allclose(backend.get(invstd), invstd_ref, rtol=1e-5)
+
+
+def test_finite_difference_gradient(backend):
+    """float64 central differences of L = sum(y * g) against backward()."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 2, 2))
+    w, b = rng.uniform(0.5, 1.5, 2), rng.standard_normal(2)
+    g = rng.standard_normal(x.shape)
+
+    def loss(x_, w_, b_):
+        y, _, _ = bn.forward(backend.put(x_), backend.put(w_), backend.put(b_),
+                             backend=backend.name)
+        return float(np.sum(backend.get(y) * g))
+
+    def numeric(f, a, h=1e-6):
+        grad = np.zeros_like(a)
+        for i in np.ndindex(a.shape):
+            up, down = a.copy(), a.copy()
+            up[i] += h
+            down[i] -= h
+            grad[i] = (f(up) - f(down)) / (2 * h)
+        return grad
+
+    _, mean, invstd = bn.forward(backend.put(x), backend.put(w), backend.put(b),
+                                 backend=backend.name)
+    dx, dw, db = bn.backward(backend.put(g), backend.put(x), backend.put(w), mean, invstd,
+                             backend=backend.name)
+    np.testing.assert_allclose(backend.get(dx), numeric(lambda a: loss(a, w, b), x), atol=1e-6)
+    np.testing.assert_allclose(backend.get(dw), numeric(lambda a: loss(x, a, b), w), atol=1e-6)
+    np.testing.assert_allclose(backend.get(db), numeric(lambda a: loss(x, w, a), b), atol=1e-6)
+
+
+# -- property test: random shapes and axes ---------------------------------------------------------
+@st.composite
+def shapes_and_axes(draw):
+    ndim = draw(st.integers(2, 5))
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))
+    axis = draw(st.integers(-ndim, ndim - 1))
+    if np.prod(shape) // shape[axis] < 2:  # training needs 2 values per channel
+        shape = (shape[0] + 1, *shape[1:]) if axis % ndim != 0 else (*shape[:-1], shape[-1] + 1)
+    return shape, axis
+
+
+@settings(max_examples=20, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(case=shapes_and_axes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_property_random_shapes(backend, case, dtype, seed):
+    shape, axis = case
+    inp = make_inputs(shape, axis, dtype, seed=seed)
+    assert_forward_matches(backend, inp, training=True, axis=axis)
+    assert_backward_matches(backend, inp, training=True, axis=axis)
+
+
+# -- bad input: clear exceptions, nothing modified -------------------------------------------------
+def _bad_forward_cases():
+    f32 = np.float32
+    return [
+        ("weight", dict(weight=np.ones(4, f32)), ValueError),
+        ("bias", dict(bias=np.ones((3, 1), f32)), ValueError),
+        ("running_mean", dict(running_mean=np.ones(2, f32)), ValueError),
+        ("running_var", dict(running_var=np.ones(4, f32)), ValueError),
+        ("weight", dict(weight=np.ones(3, np.int32)), TypeError),
+        ("eps", dict(eps=-1e-5), ValueError),
+        ("momentum", dict(momentum=1.5), ValueError),
+        ("momentum", dict(momentum=-0.1), ValueError),
+        ("axis", dict(axis=3), ValueError),
+        ("axis", dict(axis=-4), ValueError),
+        ("x must have dtype", dict(x=np.ones((4, 3, 5), np.int64)), TypeError),
+        ("x must have dtype", dict(x=np.ones((4, 3, 5), bool)), TypeError),
+        ("x must have dtype", dict(x=np.ones((4, 3, 5), np.complex64)), TypeError),
+        ("more than 1 value per channel", dict(x=np.ones((1, 3, 1), f32)), ValueError),
+        ("requires running_mean", dict(training=False, running_var=None), ValueError),
+        ("together", dict(running_var=None), ValueError),
+        ("out", dict(out=np.empty((4, 3, 6), f32)), ValueError),
+        ("out", dict(out=np.empty((4, 3, 5), np.float64)), TypeError),
+    ]
+
+
+@pytest.mark.parametrize("match,change,exc", _bad_forward_cases(),
+                         ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_forward_input_leaves_state_untouched(backend, match, change, exc):
+    rng = np.random.default_rng(8)
+    args = {
+        "x": rng.standard_normal((4, 3, 5)).astype(np.float32),
+        "weight": np.ones(3, np.float32), "bias": np.zeros(3, np.float32),
+        "running_mean": np.full(3, 0.5, np.float32), "running_var": np.full(3, 2.0, np.float32),
+        "out": np.full((4, 3, 5), 7.0, np.float32),
+    }
+    args.update(change)
+    dev = {k: backend.put(v) if isinstance(v, np.ndarray) else v for k, v in args.items()}
+    x = dev.pop("x")
+    with pytest.raises(exc, match=match):
+        bn.forward(x, backend=backend.name, **dev)
+    for name in ("running_mean", "running_var", "out"):
+        if isinstance(args[name], np.ndarray):
+            np.testing.assert_array_equal(backend.get(dev[name]), args[name], err_msg=name)
+
+
+def test_bad_backward_input(backend):
+    x = backend.put(np.ones((4, 3), np.float32))
+    stats = backend.put(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="dy"):
+        bn.backward(backend.put(np.ones((4, 2), np.float32)), x, None, stats, stats,
+                    backend=backend.name)
+    with pytest.raises(TypeError, match="dy"):
+        bn.backward(backend.put(np.ones((4, 3))), x, None, stats, stats, backend=backend.name)
+    with pytest.raises(ValueError, match="mean"):
+        bn.backward(x, x, None, backend.put(np.ones(2, np.float32)), stats,
+                    backend=backend.name)
+    with pytest.raises(ValueError, match="invstd"):
+        bn.backward(x, x, None, stats, None, backend=backend.name)
+
+
+def test_bad_update_running_stats_leaves_state_untouched(backend):
+    rm, rv = backend.put(np.zeros(3)), backend.put(np.ones(3))
+    good = backend.put(np.ones(3))
+    with pytest.raises(ValueError, match="count"):
+        bn.update_running_stats(rm, rv, good, good, 1, backend=backend.name)
+    with pytest.raises(ValueError, match="momentum"):
+        bn.update_running_stats(rm, rv, good, good, 5, momentum=2.0, backend=backend.name)
+    with pytest.raises(ValueError, match="batch_var"):
+        bn.update_running_stats(rm, rv, good, backend.put(np.ones(4)), 5, backend=backend.name)
+    np.testing.assert_array_equal(backend.get(rm), np.zeros(3))
+    np.testing.assert_array_equal(backend.get(rv), np.ones(3))
+
+
+# -- the reference itself, against hand-derived values --------------------------------------------
+def test_reference_hand_computed():
+    x = np.array([[1.0, -2.0], [3.0, 2.0], [5.0, 6.0]])
+    w, b = np.array([2.0, 0.5]), np.array([1.0, -1.0])
+    rm, rv = np.zeros(2), np.ones(2)
+    y, mean, invstd = bn.forward(x, w, b, rm, rv, eps=0.0, momentum=0.5, backend="numpy")
+    # channel 0: mean 3, biased var 8/3; channel 1: mean 2, biased var 32/3
+    np.testing.assert_allclose(mean, [3.0, 2.0])
+    np.testing.assert_allclose(invstd, [np.sqrt(3 / 8), np.sqrt(3 / 32)])
+    np.testing.assert_allclose(y[:, 0], 2 * (x[:, 0] - 3) * np.sqrt(3 / 8) + 1)
+    np.testing.assert_allclose(rm, [1.5, 1.0])
+    np.testing.assert_allclose(rv, [0.5 + 0.5 * 4.0, 0.5 + 0.5 * 16.0])  # unbiased: 4 and 16
