@@ -20,9 +20,12 @@ _EXERCISED: set[str] = set()
 
 
 def pytest_addoption(parser):
-    parser.addoption("--backend", default=None,
-                     help="comma-separated backend names to test (default: all registered, or "
-                          "BATCHNORM_BACKEND)")
+    parser.addoption(
+        "--backend",
+        default=None,
+        help="comma-separated backend names to test (default: all registered, or "
+        "BATCHNORM_BACKEND)",
+    )
 
 
 def _selected_names(config) -> list[str]:
@@ -90,7 +93,9 @@ def pytest_runtest_makereport(item, call):
 
 def pytest_terminal_summary(terminalreporter):
     names = sorted(_EXERCISED)
-    terminalreporter.write_sep("=", "batchnorm backends exercised: " + (", ".join(names) or "none"))
+    terminalreporter.write_sep(
+        "=", "batchnorm backends exercised: " + (", ".join(names) or "none")
+    )
     path = os.environ.get("BATCHNORM_TESTED_BACKENDS_FILE")
     if path:
         with open(path, "w") as fh:

@@ -9,22 +9,23 @@ import pytest
 from batchnorm_numpy import NumpyBackend
 
 import batchnorm as bn
-
 from batchnorm.__main__ import main
 from batchnorm._dispatch import registry
 
 
 def test_info_lists_every_backend():
-    out = subprocess.run([sys.executable, "-m", "batchnorm", "info"], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "batchnorm", "info"], check=True, capture_output=True, text=True
+    ).stdout
     for name in ("numpy", "numba", "cuda", "cupy"):
         assert f"  {name}" in out
     assert "numpy" in out and "available" in out
 
 
 def test_check_passes_for_available_backends():
-    proc = subprocess.run([sys.executable, "-m", "batchnorm", "check"], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchnorm", "check"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "numpy" in proc.stdout and "pass" in proc.stdout and "FAIL" not in proc.stdout
 

@@ -57,9 +57,17 @@ def run_forward(case, inp, *, training, axis, backend_name=None, **kwargs):
     put = case.put if case is not None else (lambda a: None if a is None else a.copy())
     get = case.get if case is not None else (lambda a: a)
     rm, rv = put(inp["running_mean"]), put(inp["running_var"])
-    y, mean, invstd = bn.forward(put(inp["x"]), put(inp["weight"]), put(inp["bias"]), rm, rv,
-                                 training=training, axis=axis,
-                                 backend=backend_name or case.name, **kwargs)
+    y, mean, invstd = bn.forward(
+        put(inp["x"]),
+        put(inp["weight"]),
+        put(inp["bias"]),
+        rm,
+        rv,
+        training=training,
+        axis=axis,
+        backend=backend_name or case.name,
+        **kwargs,
+    )
     return get(y), get(mean), get(invstd), get(rm), get(rv)
 
 
@@ -80,11 +88,19 @@ def assert_backward_matches(backend, inp, *, training, axis):
     dtype = inp["x"].dtype
     x, w = inp["x"], inp["weight"]
     _, mean, invstd, _, _ = reference_forward(inp, training=training, axis=axis)
-    want = bn.backward(inp["dy"], x, w, mean, invstd, training=training, axis=axis,
-                       backend="numpy")
-    got = bn.backward(backend.put(inp["dy"]), backend.put(x), backend.put(w),
-                      backend.put(mean), backend.put(invstd), training=training, axis=axis,
-                      backend=backend.name)
+    want = bn.backward(
+        inp["dy"], x, w, mean, invstd, training=training, axis=axis, backend="numpy"
+    )
+    got = bn.backward(
+        backend.put(inp["dy"]),
+        backend.put(x),
+        backend.put(w),
+        backend.put(mean),
+        backend.put(invstd),
+        training=training,
+        axis=axis,
+        backend=backend.name,
+    )
     for name, g, e in zip(("dx", "dweight", "dbias"), got, want):
         if e is None:
             assert g is None, name
@@ -94,7 +110,7 @@ def assert_backward_matches(backend, inp, *, training, axis):
         assert_close(g, e, dtype, name)
 
 
-# -- forward and backward over shapes, axes, dtypes, affine ------------------------------------
+# -- forward and backward over shapes, axes, dtypes, affine --------------------------
 @pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize("shape,axis", SHAPES, ids=str)
@@ -129,7 +145,7 @@ def test_large(backend, channels_last, dtype):
     assert_backward_matches(backend, inp, training=True, axis=1)
 
 
-# -- memory layouts ------------------------------------------------------------------------------
+# -- memory layouts --------------------------------------------------------------------
 # name -> (base shape, view). Views use basic slicing only, so they apply to every array type.
 SLICED_VIEWS = {
     "batch_step": ((8, 3, 5, 6), lambda a: a[::2]),
@@ -155,14 +171,18 @@ def test_sliced_inputs(backend, view, dtype):
     x_dev, dy_dev = take(backend.put(x_base)), take(backend.put(dy_base))
 
     y, mean, invstd = bn.forward(x_dev, backend.put(w), backend.put(b), backend=backend.name)
-    y_ref, mean_ref, invstd_ref = bn.forward(np.ascontiguousarray(x_host), w, b,
-                                             backend="numpy")
+    y_ref, mean_ref, invstd_ref = bn.forward(np.ascontiguousarray(x_host), w, b, backend="numpy")
     assert_close(backend.get(y), y_ref, dtype, "y")
     assert_close(backend.get(invstd), invstd_ref, dtype, "invstd")
     dx, dw, db = bn.backward(dy_dev, x_dev, backend.put(w), mean, invstd, backend=backend.name)
-    dx_ref, dw_ref, db_ref = bn.backward(np.ascontiguousarray(dy_host),
-                                         np.ascontiguousarray(x_host), w, mean_ref, invstd_ref,
-                                         backend="numpy")
+    dx_ref, dw_ref, db_ref = bn.backward(
+        np.ascontiguousarray(dy_host),
+        np.ascontiguousarray(x_host),
+        w,
+        mean_ref,
+        invstd_ref,
+        backend="numpy",
+    )
     assert_close(backend.get(dx), dx_ref, dtype, "dx")
     assert_close(backend.get(dw), dw_ref, dtype, "dweight")
     assert_close(backend.get(db), db_ref, dtype, "dbias")
@@ -195,8 +215,15 @@ def test_out_argument(backend):
     y_ref, mean, invstd = bn.forward(inp["x"], backend="numpy")
     assert_close(backend.get(out), y_ref, np.float32, "out")
     dx_out = backend.put(np.full_like(inp["x"], np.nan))
-    dx, _, _ = bn.backward(backend.put(inp["dy"]), x, None, backend.put(mean),
-                           backend.put(invstd), out=dx_out, backend=backend.name)
+    dx, _, _ = bn.backward(
+        backend.put(inp["dy"]),
+        x,
+        None,
+        backend.put(mean),
+        backend.put(invstd),
+        out=dx_out,
+        backend=backend.name,
+    )
     assert dx is dx_out
     dx_ref, _, _ = bn.backward(inp["dy"], inp["x"], None, mean, invstd, backend="numpy")
     assert_close(backend.get(dx_out), dx_ref, np.float32, "dx out")
@@ -228,14 +255,15 @@ def test_update_running_stats(backend):
         rm, rv = rng.standard_normal(5).astype(dtype), rng.uniform(1, 2, 5).astype(dtype)
         bm, bv = rng.standard_normal(5).astype(dtype), rng.uniform(1, 2, 5).astype(dtype)
         rm_dev, rv_dev = backend.put(rm), backend.put(rv)
-        bn.update_running_stats(rm_dev, rv_dev, backend.put(bm), backend.put(bv), 10, 0.25,
-                                backend=backend.name)
+        bn.update_running_stats(
+            rm_dev, rv_dev, backend.put(bm), backend.put(bv), 10, 0.25, backend=backend.name
+        )
         assert_close(backend.get(rm_dev), 0.75 * rm + 0.25 * bm, dtype, "running_mean")
         assert_close(backend.get(rv_dev), 0.75 * rv + 0.25 * bv * 10 / 9, dtype, "running_var")
         assert backend.get(rm_dev).dtype == dtype
 
 
-# -- numerics: the known traps -------------------------------------------------------------------
+# -- numerics: the known traps ---------------------------------------------------------
 def test_large_mean_small_std_float32(backend):
     """mean 1e4, std 1e-2: E[x^2] - E[x]^2 loses every digit here; two-pass/Welford does not."""
     n = 64 if backend.simulated else 4096
@@ -253,18 +281,22 @@ def test_large_mean_small_std_float32(backend):
 def test_constant_channel(backend):
     x = np.ones((6, 3), np.float32) * np.array([2.5, -7.0, 0.0], np.float32)
     b = np.array([0.25, 0.5, -1.0], np.float32)
-    y, mean, invstd = bn.forward(backend.put(x), None, backend.put(b), eps=1e-5,
-                                 backend=backend.name)
+    y, mean, invstd = bn.forward(
+        backend.put(x), None, backend.put(b), eps=1e-5, backend=backend.name
+    )
     np.testing.assert_array_equal(backend.get(y), np.broadcast_to(b, x.shape))
     np.testing.assert_allclose(backend.get(invstd), 1 / np.sqrt(np.float32(1e-5)), rtol=1e-6)
-    dx, _, _ = bn.backward(backend.put(np.ones_like(x)), backend.put(x), None, mean, invstd,
-                           backend=backend.name)
+    dx, _, _ = bn.backward(
+        backend.put(np.ones_like(x)), backend.put(x), None, mean, invstd, backend=backend.name
+    )
     np.testing.assert_allclose(backend.get(dx), 0.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("scale,dtype", [(1e15, np.float32), (1e-15, np.float32),
-                                         (1e150, np.float64), (1e-150, np.float64)],
-                         ids=["huge32", "tiny32", "huge64", "tiny64"])
+@pytest.mark.parametrize(
+    "scale,dtype",
+    [(1e15, np.float32), (1e-15, np.float32), (1e150, np.float64), (1e-150, np.float64)],
+    ids=["huge32", "tiny32", "huge64", "tiny64"],
+)
 def test_extreme_magnitudes(backend, scale, dtype):
     rng = np.random.default_rng(6)
     x = (rng.standard_normal((16, 3)) * scale).astype(dtype)
@@ -283,8 +315,9 @@ def test_finite_difference_gradient(backend):
     g = rng.standard_normal(x.shape)
 
     def loss(x_, w_, b_):
-        y, _, _ = bn.forward(backend.put(x_), backend.put(w_), backend.put(b_),
-                             backend=backend.name)
+        y, _, _ = bn.forward(
+            backend.put(x_), backend.put(w_), backend.put(b_), backend=backend.name
+        )
         return float(np.sum(backend.get(y) * g))
 
     def numeric(f, a, h=1e-6):
@@ -296,16 +329,18 @@ def test_finite_difference_gradient(backend):
             grad[i] = (f(up) - f(down)) / (2 * h)
         return grad
 
-    _, mean, invstd = bn.forward(backend.put(x), backend.put(w), backend.put(b),
-                                 backend=backend.name)
-    dx, dw, db = bn.backward(backend.put(g), backend.put(x), backend.put(w), mean, invstd,
-                             backend=backend.name)
+    _, mean, invstd = bn.forward(
+        backend.put(x), backend.put(w), backend.put(b), backend=backend.name
+    )
+    dx, dw, db = bn.backward(
+        backend.put(g), backend.put(x), backend.put(w), mean, invstd, backend=backend.name
+    )
     np.testing.assert_allclose(backend.get(dx), numeric(lambda a: loss(a, w, b), x), atol=1e-6)
     np.testing.assert_allclose(backend.get(dw), numeric(lambda a: loss(x, a, b), w), atol=1e-6)
     np.testing.assert_allclose(backend.get(db), numeric(lambda a: loss(x, w, a), b), atol=1e-6)
 
 
-# -- property test: random shapes and axes ---------------------------------------------------------
+# -- property test: random shapes and axes -----------------------------------------------
 @st.composite
 def shapes_and_axes(draw):
     ndim = draw(st.integers(2, 5))
@@ -316,8 +351,11 @@ def shapes_and_axes(draw):
     return shape, axis
 
 
-@settings(max_examples=20, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(case=shapes_and_axes(), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 def test_property_random_shapes(backend, case, dtype, seed):
     shape, axis = case
@@ -326,7 +364,7 @@ def test_property_random_shapes(backend, case, dtype, seed):
     assert_backward_matches(backend, inp, training=True, axis=axis)
 
 
-# -- bad input: clear exceptions, nothing modified -------------------------------------------------
+# -- bad input: clear exceptions, nothing modified ---------------------------------------
 def _bad_forward_cases():
     f32 = np.float32
     return [
@@ -351,14 +389,17 @@ def _bad_forward_cases():
     ]
 
 
-@pytest.mark.parametrize("match,change,exc", _bad_forward_cases(),
-                         ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "match,change,exc", _bad_forward_cases(), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_bad_forward_input_leaves_state_untouched(backend, match, change, exc):
     rng = np.random.default_rng(8)
     args = {
         "x": rng.standard_normal((4, 3, 5)).astype(np.float32),
-        "weight": np.ones(3, np.float32), "bias": np.zeros(3, np.float32),
-        "running_mean": np.full(3, 0.5, np.float32), "running_var": np.full(3, 2.0, np.float32),
+        "weight": np.ones(3, np.float32),
+        "bias": np.zeros(3, np.float32),
+        "running_mean": np.full(3, 0.5, np.float32),
+        "running_var": np.full(3, 2.0, np.float32),
         "out": np.full((4, 3, 5), 7.0, np.float32),
     }
     args.update(change)
@@ -375,13 +416,13 @@ def test_bad_backward_input(backend):
     x = backend.put(np.ones((4, 3), np.float32))
     stats = backend.put(np.ones(3, np.float32))
     with pytest.raises(ValueError, match="dy"):
-        bn.backward(backend.put(np.ones((4, 2), np.float32)), x, None, stats, stats,
-                    backend=backend.name)
+        bn.backward(
+            backend.put(np.ones((4, 2), np.float32)), x, None, stats, stats, backend=backend.name
+        )
     with pytest.raises(TypeError, match="dy"):
         bn.backward(backend.put(np.ones((4, 3))), x, None, stats, stats, backend=backend.name)
     with pytest.raises(ValueError, match="mean"):
-        bn.backward(x, x, None, backend.put(np.ones(2, np.float32)), stats,
-                    backend=backend.name)
+        bn.backward(x, x, None, backend.put(np.ones(2, np.float32)), stats, backend=backend.name)
     with pytest.raises(ValueError, match="invstd"):
         bn.backward(x, x, None, stats, None, backend=backend.name)
 
@@ -399,7 +440,7 @@ def test_bad_update_running_stats_leaves_state_untouched(backend):
     np.testing.assert_array_equal(backend.get(rv), np.ones(3))
 
 
-# -- the reference itself, against hand-derived values --------------------------------------------
+# -- the reference itself, against hand-derived values ----------------------------------
 def test_reference_hand_computed():
     x = np.array([[1.0, -2.0], [3.0, 2.0], [5.0, 6.0]])
     w, b = np.array([2.0, 0.5]), np.array([1.0, -1.0])

@@ -23,9 +23,22 @@ PLUGIN_SOURCE = Path(__file__).parent / "example_plugin"
 def plugin_site(tmp_path_factory):
     """pip-install the example plugin into a fresh folder and put it on sys.path."""
     site = tmp_path_factory.mktemp("plugin_site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-                    "--no-build-isolation", "--target", str(site), str(PLUGIN_SOURCE)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(site),
+            str(PLUGIN_SOURCE),
+        ],
+        check=True,
+        capture_output=True,
+    )
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
     registry.clear()
@@ -56,9 +69,13 @@ def test_plugin_discovered_and_broken_plugin_reported(plugin_site):
 
 def test_plugin_discovered_in_fresh_process(plugin_site):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_site), *sys.path])}
-    out = subprocess.run([sys.executable, "-c",
-                          "import batchnorm as bn; print(bn.available_backends())"],
-                         check=True, capture_output=True, text=True, env=env).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", "import batchnorm as bn; print(bn.available_backends())"],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    ).stdout
     assert "'loopback'" in out and "'broken'" not in out
 
 

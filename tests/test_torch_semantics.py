@@ -34,8 +34,9 @@ def test_matches_torch(shape, training):
     assert_close(rv, trv.numpy(), np.float64, "running_var")
 
     # batch statistics in training; in eval rm/rv were not updated, so these are theirs
-    _, mean, invstd = bn.forward(x, w, b, rm.copy(), rv.copy(), training=training,
-                                 momentum=0.2, eps=1e-3, backend="numpy")
+    _, mean, invstd = bn.forward(
+        x, w, b, rm.copy(), rv.copy(), training=training, momentum=0.2, eps=1e-3, backend="numpy"
+    )
     dx, dw, db = bn.backward(dy, x, w, mean, invstd, training=training, backend="numpy")
     assert_close(dx, tx.grad.numpy(), np.float64, "dx")
     assert_close(dw, tw.grad.numpy(), np.float64, "dweight")

@@ -24,13 +24,17 @@ CHECK_PROBLEMS = [
 
 def cmd_info(args: argparse.Namespace) -> int:
     """Print every registered backend, whether it can run and why not, and the machine."""
-    print(f"batchnorm {_version()} on Python {platform.python_version()}, "
-          f"NumPy {np.__version__}, {os.cpu_count()} CPUs")
+    print(
+        f"batchnorm {_version()} on Python {platform.python_version()}, "
+        f"NumPy {np.__version__}, {os.cpu_count()} CPUs"
+    )
     try:
         import numba
 
-        print(f"numba {numba.__version__}: {numba.get_num_threads()} threads, "
-              f"threading layer {numba.config.THREADING_LAYER!r} (NUMBA_NUM_THREADS to change)")
+        print(
+            f"numba {numba.__version__}: {numba.get_num_threads()} threads, "
+            f"threading layer {numba.config.THREADING_LAYER!r} (NUMBA_NUM_THREADS to change)"
+        )
     except ImportError:
         print("numba: not installed")
     for info in backend_info():
@@ -61,14 +65,25 @@ def _check_backend(name: str) -> tuple[float, float, int]:
         rm, rv = np.zeros(c, pdt), np.ones(c, pdt)
         put = backend.from_host
         for training in (True, False):
-            ref = _api.forward(x, w, b, rm.copy(), rv.copy(), training=training, axis=axis,
-                               backend="numpy")
-            got = _api.forward(put(x), put(w), put(b), put(rm), put(rv), training=training,
-                               axis=axis, backend=name)
-            ref_grads = _api.backward(dy, x, w, ref[1], ref[2], training=training, axis=axis,
-                                      backend="numpy")
-            got_grads = _api.backward(put(dy), put(x), put(w), got[1], got[2],
-                                      training=training, axis=axis, backend=name)
+            ref = _api.forward(
+                x, w, b, rm.copy(), rv.copy(), training=training, axis=axis, backend="numpy"
+            )
+            got = _api.forward(
+                put(x),
+                put(w),
+                put(b),
+                put(rm),
+                put(rv),
+                training=training,
+                axis=axis,
+                backend=name,
+            )
+            ref_grads = _api.backward(
+                dy, x, w, ref[1], ref[2], training=training, axis=axis, backend="numpy"
+            )
+            got_grads = _api.backward(
+                put(dy), put(x), put(w), got[1], got[2], training=training, axis=axis, backend=name
+            )
             for g, r in zip((*got, *got_grads), (*ref, *ref_grads)):
                 worst = max(worst, max_error(backend.to_host(g), r, dtype))
             count += 1
@@ -95,10 +110,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             continue
         ok = worst <= 1.0
         failed |= not ok
-        print(f"{info.name:<10}{count:>9}{worst:>12.3g}{seconds:>10.2f}  "
-              f"{'pass' if ok else 'FAIL'}")
-    print("max error is in units of the per-dtype tolerance (batchnorm.testing.TOLERANCES); "
-          "<= 1 passes")
+        print(
+            f"{info.name:<10}{count:>9}{worst:>12.3g}{seconds:>10.2f}  {'pass' if ok else 'FAIL'}"
+        )
+    print(
+        "max error is in units of the per-dtype tolerance (batchnorm.testing.TOLERANCES); "
+        "<= 1 passes"
+    )
     return 1 if failed else 0
 
 
@@ -107,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="batchnorm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list backends, availability, versions, threads, devices")
-    check = sub.add_parser("check", help="self-test every available backend against the "
-                                         "reference")
-    check.add_argument("--backend", action="append",
-                       help="check only this backend (repeatable)")
+    check = sub.add_parser("check", help="self-test every available backend against the reference")
+    check.add_argument("--backend", action="append", help="check only this backend (repeatable)")
     try:
         from . import _bench
     except ImportError:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._backend import Backend
 from ._dispatch import select_backend
-from ._layout import Layout, plan_layout
+from ._layout import plan_layout
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
@@ -57,9 +57,11 @@ class _Call:
 
     def _native(self, name: str, array: Any) -> Any:
         if not self.backend.accepts(array):
-            raise TypeError(f"{name} is a {_type_name(array)}, which backend "
-                            f"{self.backend.name!r} cannot operate on (x is a "
-                            f"{_type_name(self.x_user)}); arrays are never moved implicitly")
+            raise TypeError(
+                f"{name} is a {_type_name(array)}, which backend "
+                f"{self.backend.name!r} cannot operate on (x is a "
+                f"{_type_name(self.x_user)}); arrays are never moved implicitly"
+            )
         return self.backend.as_native(array)
 
     def vector(self, name: str, array: Any, required: bool = False) -> Any:
@@ -71,19 +73,24 @@ class _Call:
         native = self._native(name, array)
         _check_float(name, native)
         if tuple(native.shape) != (self.channels,):
-            raise ValueError(f"{name} must have shape ({self.channels},) to match the "
-                             f"{self.channels} channels of x along axis {self.axis}, "
-                             f"got {tuple(native.shape)}")
+            raise ValueError(
+                f"{name} must have shape ({self.channels},) to match the "
+                f"{self.channels} channels of x along axis {self.axis}, "
+                f"got {tuple(native.shape)}"
+            )
         return native
 
     def like_x(self, name: str, array: Any) -> Any:
         """An argument that must match x in shape and dtype (dy)."""
         native = self._native(name, array)
         if tuple(native.shape) != tuple(self.x.shape):
-            raise ValueError(f"{name} must have the shape of x {tuple(self.x.shape)}, "
-                             f"got {tuple(native.shape)}")
+            raise ValueError(
+                f"{name} must have the shape of x {tuple(self.x.shape)}, got {tuple(native.shape)}"
+            )
         if np.dtype(native.dtype) != np.dtype(self.x.dtype):
-            raise TypeError(f"{name} must have the dtype of x ({self.x.dtype}), got {native.dtype}")
+            raise TypeError(
+                f"{name} must have the dtype of x ({self.x.dtype}), got {native.dtype}"
+            )
         return native
 
     def check_out(self, out: Any, inputs: tuple[Any, ...]) -> Any:
@@ -145,9 +152,20 @@ def _check_training(training: Any) -> bool:
     return bool(training)
 
 
-def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
-            training: bool = True, momentum: float = 0.1, eps: float = 1e-5, axis: int = 1,
-            backend: str | None = None, out=None):
+def forward(
+    x,
+    weight=None,
+    bias=None,
+    running_mean=None,
+    running_var=None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    axis: int = 1,
+    backend: str | None = None,
+    out=None,
+):
     """Batch-normalize ``x`` over every axis except the channel ``axis``.
 
     Parameters
@@ -220,8 +238,10 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together")
         if call.count <= 1:
-            raise ValueError(f"expected more than 1 value per channel when training, got "
-                             f"input of shape {tuple(call.x.shape)} with axis={call.axis}")
+            raise ValueError(
+                f"expected more than 1 value per channel when training, got "
+                f"input of shape {tuple(call.x.shape)} with axis={call.axis}"
+            )
     elif running_mean is None or running_var is None:
         raise ValueError("evaluation (training=False) requires running_mean and running_var")
     running_mean = call.vector("running_mean", running_mean)
@@ -244,8 +264,18 @@ def forward(x, weight=None, bias=None, running_mean=None, running_var=None, *,
     return (out if out is not None else call.user(y)), call.user(mean), call.user(invstd)
 
 
-def backward(dy, x, weight, mean, invstd, *, training: bool = True, axis: int = 1,
-             backend: str | None = None, out=None):
+def backward(
+    dy,
+    x,
+    weight,
+    mean,
+    invstd,
+    *,
+    training: bool = True,
+    axis: int = 1,
+    backend: str | None = None,
+    out=None,
+):
     """Gradient of :func:`forward` with respect to ``x``, ``weight`` and ``bias``.
 
     Parameters
@@ -310,9 +340,19 @@ def backward(dy, x, weight, mean, invstd, *, training: bool = True, axis: int = 
     return (out if out is not None else call.user(dx)), call.user(dweight), call.user(dbias)
 
 
-def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5, *, axis: int = 1,
-               backend: str | None = None):
+def batch_norm(
+    x,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = 1,
+    backend: str | None = None,
+):
     """Drop-in for :func:`torch.nn.functional.batch_norm`: same arguments, returns ``y``.
 
     Parameters
@@ -339,12 +379,30 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
            [1., 1.],
            [1., 1.]])
     """
-    return forward(x, weight, bias, running_mean, running_var, training=training,
-                   momentum=momentum, eps=eps, axis=axis, backend=backend)[0]
+    return forward(
+        x,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training=training,
+        momentum=momentum,
+        eps=eps,
+        axis=axis,
+        backend=backend,
+    )[0]
 
 
-def update_running_stats(running_mean, running_var, batch_mean, batch_var, count: int,
-                         momentum: float = 0.1, *, backend: str | None = None) -> None:
+def update_running_stats(
+    running_mean,
+    running_var,
+    batch_mean,
+    batch_var,
+    count: int,
+    momentum: float = 0.1,
+    *,
+    backend: str | None = None,
+) -> None:
     """Update running statistics in place from one batch's statistics.
 
     ``running_mean = (1 - momentum) * running_mean + momentum * batch_mean`` and
@@ -377,14 +435,17 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, count
     natives = []
     for name, array in zip(names, arrays):
         if not be.accepts(array):
-            raise TypeError(f"{name} is a {_type_name(array)}, which backend {be.name!r} "
-                            "cannot operate on")
+            raise TypeError(
+                f"{name} is a {_type_name(array)}, which backend {be.name!r} cannot operate on"
+            )
         native = be.as_native(array)
         _check_float(name, native)
-        if len(native.shape) != 1 or tuple(native.shape) != tuple(natives[0].shape if natives
-                                                                    else native.shape):
-            raise ValueError(f"{name} must be 1-D with the shape of running_mean, "
-                             f"got {tuple(native.shape)}")
+        if len(native.shape) != 1 or tuple(native.shape) != tuple(
+            natives[0].shape if natives else native.shape
+        ):
+            raise ValueError(
+                f"{name} must be 1-D with the shape of running_mean, got {tuple(native.shape)}"
+            )
         natives.append(native)
     if isinstance(count, bool) or not isinstance(count, numbers.Integral):
         raise TypeError(f"count must be an integer, got {count!r}")

@@ -137,14 +137,17 @@ class Backend(ABC):
         """
 
     # -- composed paths (override to fuse) ------------------------------------------------------
-    def forward_train(self, x3, weight, bias, eps: float, out3, stat_dtype) -> tuple[Any, Any, Any]:
+    def forward_train(
+        self, x3, weight, bias, eps: float, out3, stat_dtype
+    ) -> tuple[Any, Any, Any]:
         """Batch statistics and normalized output in one call.
 
         Returns ``(mean, var, invstd)`` of dtype ``stat_dtype`` (``var`` biased).
         """
         mean_acc, m2 = self.channel_stats(x3)
-        mean, var, invstd = self.finish_stats(mean_acc, m2, x3.shape[0] * x3.shape[2], eps,
-                                              stat_dtype)
+        mean, var, invstd = self.finish_stats(
+            mean_acc, m2, x3.shape[0] * x3.shape[2], eps, stat_dtype
+        )
         self.normalize(x3, mean, invstd, weight, bias, out3)
         return mean, var, invstd
 
@@ -172,14 +175,14 @@ class Backend(ABC):
         dweight = (sum_dy_xmu * invstd.astype(sum_dy_xmu.dtype)).astype(weight_dtype)
         return dweight, sum_dy.astype(bias_dtype)
 
-    def update_running_stats(self, running_mean, running_var, batch_mean, batch_var,
-                             count: int, momentum: float) -> None:
+    def update_running_stats(
+        self, running_mean, running_var, batch_mean, batch_var, count: int, momentum: float
+    ) -> None:
         """In place: ``running = (1 - momentum) * running + momentum * batch``.
 
         ``batch_var`` is biased; the running variance takes the unbiased
         ``batch_var * count / (count - 1)``. Running arrays keep their dtype.
         """
-        xp = self.xp
         acc = np.promote_types(running_mean.dtype, batch_mean.dtype)
         unbiased = batch_var.astype(acc) * (count / (count - 1))
         new_mean = (1 - momentum) * running_mean.astype(acc) + momentum * batch_mean.astype(acc)

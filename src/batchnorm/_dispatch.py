@@ -73,8 +73,9 @@ class _Registry:
         with self._lock:
             if name not in self._loaded:
                 if name not in known:
-                    raise ValueError(f"unknown batchnorm backend {name!r}; known backends: "
-                                     f"{', '.join(known)}")
+                    raise ValueError(
+                        f"unknown batchnorm backend {name!r}; known backends: {', '.join(known)}"
+                    )
                 self._loaded[name] = _instantiate(self._entry_points[name])
             return self._loaded[name]
 
@@ -134,8 +135,9 @@ def backend_info() -> list[BackendInfo]:
         reason = _reason(loaded)
         ok = not isinstance(loaded, Exception)
         devices = tuple(loaded.devices()) if ok and reason is None else ()
-        infos.append(BackendInfo(name, reason is None, reason,
-                                 loaded.version if ok else None, devices))
+        infos.append(
+            BackendInfo(name, reason is None, reason, loaded.version if ok else None, devices)
+        )
     return infos
 
 
@@ -201,15 +203,19 @@ def select_backend(name: str | None, array: Any) -> Backend:
     if name is not None:
         backend = get_backend(name)
         if not backend.accepts(array):
-            raise TypeError(f"batchnorm backend {backend.name!r} cannot operate on arrays of "
-                            f"type {_type_name(array)}; move the data explicitly or choose "
-                            "another backend")
+            raise TypeError(
+                f"batchnorm backend {backend.name!r} cannot operate on arrays of "
+                f"type {_type_name(array)}; move the data explicitly or choose "
+                "another backend"
+            )
         return backend
     for backend in _ordered():
         if backend.accepts(array):
             return backend
-    raise TypeError(f"no available batchnorm backend accepts arrays of type {_type_name(array)}; "
-                    f"available: {', '.join(available_backends())}")
+    raise TypeError(
+        f"no available batchnorm backend accepts arrays of type {_type_name(array)}; "
+        f"available: {', '.join(available_backends())}"
+    )
 
 
 def _type_name(array: Any) -> str:

@@ -24,8 +24,11 @@ class Layout:
     inner: tuple[int, ...]
 
     def shape3(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
-        return (math.prod(shape[a] for a in self.outer), shape[self.axis],
-                math.prod(shape[a] for a in self.inner))
+        return (
+            math.prod(shape[a] for a in self.outer),
+            shape[self.axis],
+            math.prod(shape[a] for a in self.inner),
+        )
 
     def strides3(self, shape, strides) -> tuple[int, int, int] | None:
         """Byte strides of the 3-D view of an array, or None when a group cannot merge."""
@@ -63,8 +66,9 @@ def _merged_stride(dims: list[tuple[int, int]]) -> int | None:
 
 def plan_layout(shape: tuple[int, ...], strides: tuple[int, ...], axis: int) -> Layout:
     """Choose the grouping of non-channel axes; fall back to C order if none is a view."""
-    others = sorted((a for a in range(len(shape)) if a != axis),
-                    key=lambda a: (-abs(strides[a]), a))
+    others = sorted(
+        (a for a in range(len(shape)) if a != axis), key=lambda a: (-abs(strides[a]), a)
+    )
     channel_stride = abs(strides[axis]) if shape[axis] != 1 else 0
     preferred = sum(1 for a in others if abs(strides[a]) > channel_stride)
     # Try the split the channel stride suggests first (the fast one), then any other view.

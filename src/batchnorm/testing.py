@@ -59,5 +59,6 @@ def assert_close(actual, expected, dtype, what: str = "result") -> None:
     """Assert ``actual`` matches ``expected`` within the tolerance for ``dtype``."""
     err = max_error(actual, expected, dtype)
     if not err <= 1.0:
-        raise AssertionError(f"{what}: max error {err:.3g} x tolerance {tolerance(dtype)} "
-                             f"for {np.dtype(dtype)}")
+        raise AssertionError(
+            f"{what}: max error {err:.3g} x tolerance {tolerance(dtype)} for {np.dtype(dtype)}"
+        )
