@@ -44,7 +44,7 @@ class FaultyBackend(NumpyBackend):
 def faulty_registered(monkeypatch):
     registry.names()
     monkeypatch.setitem(registry._entry_points, "faulty", None)
-    monkeypatch.setitem(registry._loaded, "faulty", FaultyBackend())
+    monkeypatch.setitem(registry._loaded, "faulty", (FaultyBackend(), None))
 
 
 def test_check_fails_on_a_wrong_backend(faulty_registered, capsys):

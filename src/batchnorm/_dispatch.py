@@ -48,18 +48,22 @@ class BackendInfo:
 
 
 class _Registry:
-    """Entry points listed once; each backend loaded on first use and memoised."""
+    """Entry points listed once; each backend loaded and its availability checked on first
+    use, then memoised (availability checks may probe a driver: not something to repeat on
+    every call)."""
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._entry_points: dict[str, Any] | None = None
-        self._loaded: dict[str, Backend | Exception] = {}
+        self._loaded: dict[str, tuple[Backend | Exception, str | None]] = {}
+        self._ordered: list[Backend] | None = None
 
     def clear(self) -> None:
         """Forget discovered and loaded backends (for tests that install plugins)."""
         with self._lock:
             self._entry_points = None
             self._loaded = {}
+            self._ordered = None
 
     def names(self) -> list[str]:
         with self._lock:
@@ -67,8 +71,8 @@ class _Registry:
                 self._entry_points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
             return sorted(self._entry_points)
 
-    def load(self, name: str) -> Backend | Exception:
-        """The backend object, or the exception that loading it raised."""
+    def load(self, name: str) -> tuple[Backend | Exception, str | None]:
+        """``(backend, None)`` if it can run, else ``(backend or load error, reason)``."""
         known = self.names()
         with self._lock:
             if name not in self._loaded:
@@ -76,8 +80,17 @@ class _Registry:
                     raise ValueError(
                         f"unknown batchnorm backend {name!r}; known backends: {', '.join(known)}"
                     )
-                self._loaded[name] = _instantiate(self._entry_points[name])
+                loaded = _instantiate(self._entry_points[name])
+                self._loaded[name] = (loaded, _reason(loaded))
             return self._loaded[name]
+
+    def ordered(self) -> list[Backend]:
+        """Runnable backends in automatic-selection order (highest priority first)."""
+        with self._lock:
+            if self._ordered is None:
+                runnable = [b for b, why in map(self.load, self.names()) if why is None]
+                self._ordered = sorted(runnable, key=lambda b: (-b.priority, b.name))
+            return self._ordered
 
 
 def _instantiate(ep) -> Backend | Exception:
@@ -93,12 +106,6 @@ def _instantiate(ep) -> Backend | Exception:
         return exc
 
 
-registry = _Registry()
-_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "batchnorm_backend", default=None
-)
-
-
 def _reason(loaded: Backend | Exception) -> str | None:
     if isinstance(loaded, Exception):
         return f"failed to load: {type(loaded).__name__}: {loaded}"
@@ -108,10 +115,10 @@ def _reason(loaded: Backend | Exception) -> str | None:
         return f"availability check failed: {type(exc).__name__}: {exc}"
 
 
-def _ordered() -> list[Backend]:
-    """Loaded, runnable backends in automatic-selection order."""
-    runnable = [b for b in map(registry.load, registry.names()) if _reason(b) is None]
-    return sorted(runnable, key=lambda b: (-b.priority, b.name))
+registry = _Registry()
+_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "batchnorm_backend", default=None
+)
 
 
 def backend_info() -> list[BackendInfo]:
@@ -131,8 +138,7 @@ def backend_info() -> list[BackendInfo]:
     """
     infos = []
     for name in registry.names():
-        loaded = registry.load(name)
-        reason = _reason(loaded)
+        loaded, reason = registry.load(name)
         ok = not isinstance(loaded, Exception)
         devices = tuple(loaded.devices()) if ok and reason is None else ()
         infos.append(
@@ -150,7 +156,7 @@ def available_backends() -> list[str]:
     >>> "numpy" in bn.available_backends()
     True
     """
-    return [b.name for b in _ordered()]
+    return [b.name for b in registry.ordered()]
 
 
 def _requested_name() -> str | None:
@@ -186,12 +192,11 @@ def get_backend(name: str | None = None) -> Backend:
     """
     name = name or _requested_name()
     if name is None:
-        ordered = _ordered()
+        ordered = registry.ordered()
         if not ordered:
             raise RuntimeError("no batchnorm backend can run here; see batchnorm.backend_info()")
         return ordered[0]
-    loaded = registry.load(name.lower())
-    reason = _reason(loaded)
+    loaded, reason = registry.load(name.lower())
     if reason is not None:
         raise RuntimeError(f"batchnorm backend {name!r} cannot run here: {reason}")
     return loaded
@@ -209,7 +214,7 @@ def select_backend(name: str | None, array: Any) -> Backend:
                 "another backend"
             )
         return backend
-    for backend in _ordered():
+    for backend in registry.ordered():
         if backend.accepts(array):
             return backend
     raise TypeError(
