@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ._layout import c_strides
+
 
 class Backend(ABC):
     """Base class of batch-norm backends.
@@ -87,6 +89,8 @@ class Backend(ABC):
 
     def strided_view(self, array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
         """Return a view of native ``array``'s memory with the given shape and byte strides."""
+        if array.flags.c_contiguous and strides == c_strides(shape, array.itemsize):
+            return array.reshape(shape)  # same view, several times cheaper than as_strided
         return self.xp.lib.stride_tricks.as_strided(array, shape, strides)
 
     def may_share_memory(self, a: Any, b: Any) -> bool:

@@ -64,8 +64,20 @@ def _merged_stride(dims: list[tuple[int, int]]) -> int | None:
     return dims[-1][1]
 
 
+def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Byte strides of a C-contiguous array of ``shape``."""
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def plan_layout(shape: tuple[int, ...], strides: tuple[int, ...], axis: int) -> Layout:
     """Choose the grouping of non-channel axes; fall back to C order if none is a view."""
+    natural = Layout(axis, tuple(range(axis)), tuple(range(axis + 1, len(shape))))
+    if len(shape) and strides[-1] > 0 and tuple(strides) == c_strides(shape, strides[-1]):
+        return natural  # the common case, decided without sorting
     others = sorted(
         (a for a in range(len(shape)) if a != axis), key=lambda a: (-abs(strides[a]), a)
     )
@@ -76,4 +88,4 @@ def plan_layout(shape: tuple[int, ...], strides: tuple[int, ...], axis: int) -> 
         layout = Layout(axis, tuple(others[:split]), tuple(others[split:]))
         if layout.strides3(shape, strides) is not None:
             return layout
-    return Layout(axis, tuple(range(axis)), tuple(range(axis + 1, len(shape))))
+    return natural
