@@ -201,9 +201,32 @@ def test_strided_layouts(backend, layout):
     dev = backend.backend.strided_view(backend.backend.as_native(base), host.shape, host.strides)
     dev = backend.backend.to_user(dev, base)
     y, mean, invstd = bn.forward(dev, backend=backend.name)
-    y_ref, _, invstd_ref = bn.forward(np.ascontiguousarray(host), backend="numpy")
+    y_ref, mean_ref, invstd_ref = bn.forward(np.ascontiguousarray(host), backend="numpy")
     assert_close(backend.get(y), y_ref, np.float32, "y")
     assert_close(backend.get(invstd), invstd_ref, np.float32, "invstd")
+    # dy laid out differently again, with no 3-D view at all: copied to x's layout
+    dy_base = rng.standard_normal((4, 3, 10, 6)).astype(np.float32)
+    dy = backend.put(dy_base)[:, :, ::2, :]
+    dx, _, _ = bn.backward(dy, dev, None, mean, invstd, backend=backend.name)
+    dx_ref, _, _ = bn.backward(
+        np.ascontiguousarray(dy_base[:, :, ::2, :]),
+        np.ascontiguousarray(host),
+        None,
+        mean_ref,
+        invstd_ref,
+        backend="numpy",
+    )
+    assert_close(backend.get(dx), dx_ref, np.float32, "dx")
+
+
+def test_empty_batch_in_evaluation(backend):
+    x = backend.put(np.zeros((0, 3, 4), np.float32))
+    stats = backend.put(np.ones(3, np.float32))
+    y, mean, invstd = bn.forward(
+        x, running_mean=stats, running_var=stats, training=False, backend=backend.name
+    )
+    assert tuple(y.shape) == (0, 3, 4)
+    np.testing.assert_allclose(backend.get(mean), 1.0)
 
 
 def test_out_argument(backend):
@@ -452,3 +475,14 @@ def test_reference_hand_computed():
     np.testing.assert_allclose(y[:, 0], 2 * (x[:, 0] - 3) * np.sqrt(3 / 8) + 1)
     np.testing.assert_allclose(rm, [1.5, 1.0])
     np.testing.assert_allclose(rv, [0.5 + 0.5 * 4.0, 0.5 + 0.5 * 16.0])  # unbiased: 4 and 16
+
+
+def test_overlapping_buffers_are_rejected(backend):
+    x = backend.put(np.arange(12.0, dtype=np.float32).reshape(4, 3))
+    stats = backend.put(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="out must not overlap"):
+        bn.forward(x, out=x, backend=backend.name)
+    with pytest.raises(ValueError, match="must not overlap"):
+        bn.forward(x, running_mean=stats, running_var=stats, backend=backend.name)
+    np.testing.assert_array_equal(backend.get(stats), np.ones(3))
+    np.testing.assert_array_equal(backend.get(x), np.arange(12.0).reshape(4, 3))

@@ -102,29 +102,37 @@ class _Call:
         return native
 
     def view3(self, native: Any) -> Any:
-        """3-D view of an input; an input whose strides do not fit the layout is copied once."""
+        """3-D view of an input (x first, then dy).
+
+        An input whose strides cannot be viewed is copied once into a compact array laid out
+        like x (NumPy's ``order="K"``); if that input is x, the layout is planned again for it.
+        """
         view = self.layout.view(self.backend, native)
-        if view is None:
-            compact = self.backend.empty(tuple(self.x.shape), native.dtype, native)
-            self.backend.copy_into(compact, native)
-            view = self.layout.view(self.backend, compact)
-            if view is None:  # x itself was copied: plan again for a C-ordered array
-                self.layout = plan_layout(compact.shape, compact.strides, self.axis)
-                view = self.layout.view(self.backend, compact)
-        return view
+        if view is not None:
+            return view
+        compact = self.backend.empty_like(self.x)
+        self.backend.copy_into(compact, native)
+        if native is self.x:
+            self.layout = plan_layout(compact.shape, compact.strides, self.axis)
+        return self._compact_view(compact)
 
     def output(self, out_native: Any) -> tuple[Any, Any, Any]:
-        """``(result, result3, finish)``: where the kernel writes and how to publish it."""
+        """``(result, result3, publish)``: where the kernel writes and how to publish it."""
         target = out_native if out_native is not None else self.backend.empty_like(self.x)
         view = self.layout.view(self.backend, target)
         if view is not None:
             return target, view, lambda: None
         scratch = self.backend.empty_like(self.x)
-        view = self.layout.view(self.backend, scratch)
+        return target, self._compact_view(scratch), lambda: self.backend.copy_into(target, scratch)
+
+    def _compact_view(self, compact: Any) -> Any:
+        view = self.layout.view(self.backend, compact)
         if view is None:
-            scratch = self.backend.empty(tuple(self.x.shape), self.x.dtype, self.x)
-            view = self.layout.view(self.backend, scratch)
-        return target, view, lambda: self.backend.copy_into(target, scratch)
+            raise RuntimeError(
+                f"backend {self.backend.name!r}: empty_like() must return a compact array in "
+                "the memory order of its argument"
+            )
+        return view
 
     def user(self, native: Any) -> Any:
         return None if native is None else self.backend.to_user(native, self.x_user)
@@ -247,7 +255,7 @@ def forward(
     running_mean = call.vector("running_mean", running_mean)
     running_var = call.vector("running_var", running_var)
     out_native = call.check_out(out, (call.x,))
-    if running_mean is not None and be.may_share_memory(running_mean, running_var):
+    if training and running_mean is not None and be.may_share_memory(running_mean, running_var):
         raise ValueError("running_mean and running_var must not overlap")
 
     x3 = call.view3(call.x)

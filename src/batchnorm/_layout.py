@@ -74,18 +74,16 @@ def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 
 
 def plan_layout(shape: tuple[int, ...], strides: tuple[int, ...], axis: int) -> Layout:
-    """Choose the grouping of non-channel axes; fall back to C order if none is a view."""
-    natural = Layout(axis, tuple(range(axis)), tuple(range(axis + 1, len(shape))))
+    """Group the non-channel axes by memory order: those outside the channel axis, then inside.
+
+    The plan always merges for a compact array (any memory order); for other strides
+    :meth:`Layout.view` may return None, and the caller copies into a compact array.
+    """
     if len(shape) and strides[-1] > 0 and tuple(strides) == c_strides(shape, strides[-1]):
-        return natural  # the common case, decided without sorting
+        return Layout(axis, tuple(range(axis)), tuple(range(axis + 1, len(shape))))  # common
     others = sorted(
         (a for a in range(len(shape)) if a != axis), key=lambda a: (-abs(strides[a]), a)
     )
     channel_stride = abs(strides[axis]) if shape[axis] != 1 else 0
-    preferred = sum(1 for a in others if abs(strides[a]) > channel_stride)
-    # Try the split the channel stride suggests first (the fast one), then any other view.
-    for split in [preferred, *range(len(others) + 1)]:
-        layout = Layout(axis, tuple(others[:split]), tuple(others[split:]))
-        if layout.strides3(shape, strides) is not None:
-            return layout
-    return natural
+    split = sum(1 for a in others if abs(strides[a]) > channel_stride)
+    return Layout(axis, tuple(others[:split]), tuple(others[split:]))
