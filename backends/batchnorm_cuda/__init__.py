@@ -180,7 +180,7 @@ class CudaBackend(Backend):
                          f"{name}_{'channels_last' if channels_last else 'channels_first'}")
         kernel[launch.grid, launch.block, self._arrays.stream_of(x3)](*args)
 
-    # -- phase 1 ---------------------------------------------------------------------------------
+    # -- phase 1 ---------------------------------------------------------------------------
     def channel_stats(self, x3):
         acc = _acc_dtype(x3.dtype)
         part_n, part_mean, part_m2 = self._reduce("stats", x3, (np.int64, acc, acc), x3)
@@ -201,7 +201,7 @@ class CudaBackend(Backend):
                           part_dy, part_dy_xmu, sum_dy, sum_dy_xmu)
         return sum_dy, sum_dy_xmu
 
-    # -- phase 2 ---------------------------------------------------------------------------------
+    # -- phase 2 ---------------------------------------------------------------------------
     def normalize(self, x3, mean, invstd, weight, bias, out3) -> None:
         # None parameters are flagged off; invstd stands in for them and is never read.
         self._elementwise("normalize", x3, x3,
@@ -216,7 +216,7 @@ class CudaBackend(Backend):
                           invstd if weight is None else weight, weight is not None,
                           sum_dy, sum_dy_xmu, 1.0 / count, out3)
 
-    # -- per-channel steps -------------------------------------------------------------------------
+    # -- per-channel steps ------------------------------------------------------------------
     def finish_stats(self, mean, m2, count: int, eps: float, stat_dtype):
         channels = mean.shape[0]
         outs = [self.empty((channels,), stat_dtype, mean) for _ in range(3)]

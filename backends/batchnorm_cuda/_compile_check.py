@@ -1,4 +1,6 @@
-"""Compile every kernel for real GPUs (PTX) without a GPU: ``python -m batchnorm_cuda._compile_check``.
+"""Compile every kernel for real GPUs (PTX), no GPU needed.
+
+Run as ``python -m batchnorm_cuda._compile_check [--cc 9.0 ...]``; it prints a JSON report.
 
 The simulator runs kernels as Python, so typing errors that only real compilation sees
 (an unsupported cast, a tuple of mixed types) would pass there; this compiles each kernel

@@ -105,7 +105,9 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
         block_merge_stats(sh_n, sh_mean, sh_m2, tid, 1)
         if tid == 0:
             split = cuda.blockIdx.y
-            part_n[split, c], part_mean[split, c], part_m2[split, c] = sh_n[0], sh_mean[0], sh_m2[0]
+            part_n[split, c] = sh_n[0]
+            part_mean[split, c] = sh_mean[0]
+            part_m2[split, c] = sh_m2[0]
 
     @cuda.jit
     def stats_channels_last(x, part_n, part_mean, part_m2):
@@ -127,8 +129,9 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
         block_merge_stats(sh_n, sh_mean, sh_m2, tid, bx)
         if ty == 0 and c < x.shape[1]:
             split = cuda.blockIdx.y
-            part_n[split, c], part_mean[split, c], part_m2[split, c] = (sh_n[tx], sh_mean[tx],
-                                                                        sh_m2[tx])
+            part_n[split, c] = sh_n[tx]
+            part_mean[split, c] = sh_mean[tx]
+            part_m2[split, c] = sh_m2[tx]
 
     @cuda.jit
     def grad_sums_channels_first(dy, x, mean, part_dy, part_dy_xmu):
