@@ -1,0 +1,261 @@
+"""The ``numba`` backend: parallel CPU kernels, the default for NumPy arrays.
+
+Kernels are compiled by Numba on first use (``cache=True``: a later process loads them from
+Numba's cache instead of compiling) for two layouts of the core's ``(M, C, L)`` view:
+channels-first (``L > 1``: rows of one channel) and channels-last (``L == 1``: vectorised
+across channels). Any strides work; contiguous inputs take the fast vectorised code.
+
+Numerics: every tile's mean and M2 are two-pass float64 sums and tiles are merged with
+Chan's formula; float16 input is converted to float32 (Numba has no float16 arithmetic on
+the CPU), so it costs a float32 copy. The tiles depend only on the shape, so results are
+bit-identical whatever the number of threads. Inputs under
+``_config.SERIAL_ELEMENTS`` elements run on the calling thread only.
+
+Threads
+-------
+The kernels use Numba's thread pool: ``NUMBA_NUM_THREADS`` (default: all cores) sets its
+size, and :func:`numba.set_num_threads` lowers the count for the calling thread, e.g.
+``numba.set_num_threads(2)``.
+
+Threading layer and ``fork``
+----------------------------
+The backend does not choose Numba's threading layer (``NUMBA_THREADING_LAYER``: ``tbb``,
+``omp`` or ``workqueue``, chosen by Numba on first parallel launch); it works with each:
+
+* ``omp`` (GNU OpenMP, Numba's usual pick on Linux) is thread-safe, but GNU OpenMP cannot
+  run in a child forked after it started ("fork() called from a process already using GNU
+  OpenMP" kills the child). A process forked after the backend ran (``multiprocessing``'s
+  ``fork`` start method, data-loader workers) therefore runs the kernels on one thread;
+  the parent keeps all threads.
+* ``workqueue`` survives ``fork`` (children run in parallel too) but aborts the process on
+  concurrent launches, so the backend serialises its parallel calls with a lock: calls
+  from several Python threads are correct, one at a time.
+* ``tbb`` (``pip install tbb``) is both thread- and fork-safe: parallel everywhere.
+
+Use ``NUMBA_THREADING_LAYER=workqueue`` (or ``tbb``) for parallel kernels in forked
+workers, or the ``spawn``/``forkserver`` start methods.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numba
+import numpy as np
+
+from batchnorm import Backend
+
+from . import _config as config
+from . import _kernels as kernels
+
+_serial_only = False  # set in a child forked from a process running GNU OpenMP
+_workqueue_lock = threading.Lock()
+
+
+def _threading_layer() -> str | None:
+    """The threading layer Numba launched, or None before the first parallel launch."""
+    try:
+        return numba.threading_layer()
+    except ValueError:
+        return None
+
+
+def _after_fork_in_child() -> None:
+    global _serial_only, _workqueue_lock
+    # GNU OpenMP would kill this child at its next parallel region (Intel's is fork-safe,
+    # but Numba does not say which vendor it runs, so both go serial).
+    _serial_only = _serial_only or _threading_layer() == "omp"
+    _workqueue_lock = threading.Lock()  # the parent may have held it while forking
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@contextlib.contextmanager
+def _launch(parallel: bool) -> Iterator[None]:
+    """Hold the lock around a parallel kernel unless the layer is known thread-safe."""
+    if parallel and _threading_layer() in (None, "workqueue"):
+        with _workqueue_lock:
+            yield
+    else:
+        yield
+
+
+def _is_parallel(size: int) -> bool:
+    return size >= config.SERIAL_ELEMENTS and not _serial_only
+
+
+def _compute_dtype(dtype: Any) -> np.dtype:
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def _computable(a3: np.ndarray) -> np.ndarray:
+    """float16 becomes a float32 copy: Numba computes in float32, not in float16."""
+    return a3.astype(np.float32) if a3.dtype == np.float16 else a3
+
+
+def _channels_last(shape3: tuple[int, int, int]) -> bool:
+    return shape3[2] == 1 and shape3[1] > 1
+
+
+def _kernel_view(a3: np.ndarray) -> np.ndarray:
+    """The array a kernel takes: ``(M, C)`` channels-last, ``(M, C, L)`` channels-first.
+
+    One channel with ``L == 1`` becomes ``(1, 1, M)``: one long row, not M rows of one.
+    """
+    M, C, L = a3.shape
+    if _channels_last(a3.shape):
+        return a3[:, :, 0]
+    if L == 1:
+        return np.lib.stride_tricks.as_strided(a3, (1, C, M), (0, a3.strides[1], a3.strides[0]))
+    return a3
+
+
+@contextlib.contextmanager
+def _output(out3: np.ndarray) -> Iterator[np.ndarray]:
+    """Where a kernel writes ``out3``: itself, or a float32 buffer copied into float16."""
+    if out3.dtype != np.float16:
+        yield out3
+        return
+    buffer = np.empty(out3.shape, dtype=np.float32)
+    yield buffer
+    out3[...] = buffer
+
+
+def _channel_vector(v: Any, fill: float, channels: int, dtype: np.dtype) -> np.ndarray:
+    if v is None:
+        return np.full(channels, fill, dtype=dtype)
+    return np.ascontiguousarray(v, dtype=dtype)
+
+
+class NumbaBackend(Backend):
+    """Parallel CPU backend compiled with Numba (``@njit(parallel=True)``).
+
+    Selected automatically for NumPy arrays (priority 10, above ``numpy``). See the module
+    docstring for threads, the threading layer and ``fork``.
+
+    Examples
+    --------
+    >>> import numpy as np, batchnorm as bn
+    >>> y, mean, invstd = bn.forward(np.array([[1.0], [3.0]]), eps=0.0, backend="numba")
+    >>> y.ravel(), mean
+    (array([-1.,  1.]), array([2.]))
+    """
+
+    name = "numba"
+    priority = 10
+
+    @property
+    def version(self) -> str:
+        return numba.__version__
+
+    def devices(self) -> list[str]:
+        return [f"cpu ({numba.config.NUMBA_NUM_THREADS} threads)"]
+
+    # -- phase 1 ---------------------------------------------------------------------------
+    def channel_stats(self, x3):
+        x = _kernel_view(_computable(x3))
+        parallel = _is_parallel(x.size)
+        with _launch(parallel):
+            if x.ndim == 2:
+                return kernels.cols_channel_stats(x, config.TILE_ELEMENTS, config.COLUMN_BLOCK,
+                                                  config.MIN_ROWS_PER_TILE, parallel)
+            return kernels.rows_channel_stats(x, config.TILE_ELEMENTS, parallel)
+
+    def grad_sums(self, dy3, x3, mean):
+        x, dy = _kernel_view(_computable(x3)), _kernel_view(_computable(dy3))
+        mean64 = _channel_vector(mean, 0.0, x3.shape[1], np.dtype(np.float64))
+        parallel = _is_parallel(x.size)
+        with _launch(parallel):
+            if x.ndim == 2:
+                return kernels.cols_grad_sums(dy, x, mean64, config.TILE_ELEMENTS,
+                                              config.COLUMN_BLOCK, config.MIN_ROWS_PER_TILE,
+                                              parallel)
+            return kernels.rows_grad_sums(dy, x, mean64, config.TILE_ELEMENTS, parallel)
+
+    # -- phase 2 ---------------------------------------------------------------------------
+    def normalize(self, x3, mean, invstd, weight, bias, out3):
+        channels = x3.shape[1]
+        ct = _compute_dtype(x3.dtype)
+        shift = _channel_vector(mean, 0.0, channels, ct)
+        scale = (np.asarray(invstd, dtype=np.float64)
+                 * _channel_vector(weight, 1.0, channels, np.dtype(np.float64))).astype(ct)
+        offset = _channel_vector(bias, 0.0, channels, ct)
+        x = _kernel_view(_computable(x3))
+        parallel = _is_parallel(x.size)
+        with _output(out3) as target, _launch(parallel):
+            out = _kernel_view(target)
+            if x.ndim == 2:
+                kernels.cols_normalize(x, shift, scale, offset, out, config.TILE_ELEMENTS,
+                                       config.COLUMN_BLOCK, config.MIN_ROWS_PER_TILE, parallel)
+            else:
+                kernels.rows_normalize(x, shift, scale, offset, out, config.TILE_ELEMENTS,
+                                       parallel)
+
+    def input_grad(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3):
+        channels = x3.shape[1]
+        n = x3.shape[0] * x3.shape[2]
+        invstd64 = np.asarray(invstd, dtype=np.float64)
+        coefs = np.stack([
+            _channel_vector(mean, 0.0, channels, np.dtype(np.float64)),
+            np.asarray(sum_dy, dtype=np.float64) / n,
+            invstd64 * invstd64 * np.asarray(sum_dy_xmu, dtype=np.float64) / n,
+            _channel_vector(weight, 1.0, channels, np.dtype(np.float64)) * invstd64,
+        ]).astype(_compute_dtype(x3.dtype))
+        x, dy = _kernel_view(_computable(x3)), _kernel_view(_computable(dy3))
+        parallel = _is_parallel(x.size)
+        with _output(out3) as target, _launch(parallel):
+            out = _kernel_view(target)
+            if x.ndim == 2:
+                kernels.cols_input_grad(dy, x, coefs, out, config.TILE_ELEMENTS,
+                                        config.COLUMN_BLOCK, config.MIN_ROWS_PER_TILE, parallel)
+            else:
+                kernels.rows_input_grad(dy, x, coefs, out, config.TILE_ELEMENTS, parallel)
+
+    # -- fused ---------------------------------------------------------------------------------
+    def forward_train(self, x3, weight, bias, eps, out3, stat_dtype):
+        channels = x3.shape[1]
+        mean, var, invstd = (np.empty(channels, dtype=stat_dtype) for _ in range(3))
+        weight64 = _channel_vector(weight, 1.0, channels, np.dtype(np.float64))
+        offset = _channel_vector(bias, 0.0, channels, _compute_dtype(x3.dtype))
+        x = _kernel_view(_computable(x3))
+        parallel = _is_parallel(x.size)
+        with _output(out3) as target, _launch(parallel):
+            out = _kernel_view(target)
+            if x.ndim == 2:
+                kernels.cols_forward_train(x, weight64, offset, eps, out, mean, var, invstd,
+                                           config.TILE_ELEMENTS, config.COLUMN_BLOCK,
+                                           config.MIN_ROWS_PER_TILE, parallel)
+            else:
+                resident = self._resident(x, arrays=1)
+                kernels.rows_forward_train(x, weight64, offset, eps, out, mean, var, invstd,
+                                           config.TILE_ELEMENTS, parallel, resident)
+        return mean, var, invstd
+
+    def backward_train(self, dy3, x3, mean, invstd, weight, out3):
+        channels = x3.shape[1]
+        mean64 = _channel_vector(mean, 0.0, channels, np.dtype(np.float64))
+        invstd64 = np.ascontiguousarray(invstd, dtype=np.float64)
+        weight64 = _channel_vector(weight, 1.0, channels, np.dtype(np.float64))
+        x, dy = _kernel_view(_computable(x3)), _kernel_view(_computable(dy3))
+        parallel = _is_parallel(x.size)
+        with _output(out3) as target, _launch(parallel):
+            out = _kernel_view(target)
+            if x.ndim == 2:
+                return kernels.cols_backward_train(dy, x, mean64, invstd64, weight64, out,
+                                                   config.TILE_ELEMENTS, config.COLUMN_BLOCK,
+                                                   config.MIN_ROWS_PER_TILE, parallel)
+            resident = self._resident(x, arrays=2)
+            return kernels.rows_backward_train(dy, x, mean64, invstd64, weight64, out,
+                                               config.TILE_ELEMENTS, parallel, resident)
+
+    @staticmethod
+    def _resident(x3: np.ndarray, arrays: int) -> bool:
+        """Whether fused passes go one channel per task (its data of ``arrays`` inputs in L2)."""
+        M, C, L = x3.shape
+        return (C >= config.RESIDENT_MIN_CHANNELS
+                and arrays * M * L * x3.itemsize <= config.RESIDENT_BYTES)

@@ -1,0 +1,493 @@
+"""Numba kernels of the ``numba`` backend, for the two layouts of the ``(M, C, L)`` view.
+
+* ``rows_*``: channels-first, ``x3`` of shape ``(M, C, L)``; a tile is a block of rows
+  ``x3[m0:m1, c, l0:l1]`` of one channel (rows of length L, split when L is long).
+* ``cols_*``: channels-last, ``x2`` of shape ``(M, C)``; a tile is a block of rows and
+  columns, reduced into per-tile partial rows, vectorised across channels.
+
+The tiling depends only on the shape and the sizes in ``_config``, never on the number of
+threads, and partials are merged serially in tile order, so results are bit-identical for
+any ``NUMBA_NUM_THREADS``. Each tile's mean and M2 are exact two-pass sums in float64
+(the second pass reads the tile from cache); tiles are merged with Chan's formula.
+
+Every kernel takes ``parallel``: False runs the same tiles in a plain loop, without a
+parallel launch (small inputs, forked children of a GNU OpenMP process). Per-channel
+vectors reach the kernels as float64 (``*64``) or in the compute dtype of ``out``.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+# "reassoc" lets LLVM vectorise the reductions; the order it picks is fixed at compile time,
+# so results stay deterministic. "numpy" errors: 1 / 0 gives inf, not ZeroDivisionError.
+_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy",
+            "fastmath": {"reassoc", "contract"}}
+_helper = njit(**_OPTIONS)
+_kernel = njit(parallel=True, **_OPTIONS)
+
+
+@_helper
+def ceil_div(a, b):
+    return -(-a // b)
+
+
+@_helper
+def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
+    """Merge two (count, mean, M2) summaries (Chan, Golub and LeVeque)."""
+    n = n_a + n_b
+    delta = mean_b - mean_a
+    share = n_b / n
+    return n, mean_a + delta * share, m2_a + m2_b + delta * delta * n_a * share
+
+
+@_helper
+def finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale):
+    """Store channel c's mean, biased var and invstd, and the normalize scale."""
+    var = m2 / n
+    if var < 0.0:  # written so that NaN propagates
+        var = 0.0
+    mean_out[c] = mean
+    var_out[c] = var
+    invstd_out[c] = 1.0 / np.sqrt(var + eps)
+    scale[c] = np.float64(invstd_out[c]) * weight64[c]
+
+
+# -- channels-first: x3 of shape (M, C, L) --------------------------------------------------
+
+@_helper
+def row_tiling(M, L, tile):
+    """``(rows, chunk, chunks, tiles_per_channel)``: tiles of ``rows`` x ``chunk`` values."""
+    if M == 0 or L == 0:
+        return 1, 1, 1, 0
+    if L >= tile:
+        chunks = ceil_div(L, tile)
+        chunk = ceil_div(L, chunks)
+        rows = 1
+    else:
+        chunks = 1
+        chunk = L
+        rows = tile // L
+    return rows, chunk, chunks, ceil_div(M, rows) * chunks
+
+
+@_helper
+def row_tile(j, M, L, rows, chunk, chunks):
+    """Bounds ``(m0, m1, l0, l1)`` of tile j of a channel."""
+    m0 = (j // chunks) * rows
+    l0 = (j % chunks) * chunk
+    return m0, min(m0 + rows, M), l0, min(l0 + chunk, L)
+
+
+@_helper
+def row_tile_mean_m2(x3, c, m0, m1, l0, l1):
+    total = 0.0
+    for m in range(m0, m1):
+        for i in range(l0, l1):
+            total += x3[m, c, i]
+    n = (m1 - m0) * (l1 - l0)
+    mean = total / n
+    m2 = 0.0
+    for m in range(m0, m1):
+        for i in range(l0, l1):
+            dev = x3[m, c, i] - mean
+            m2 += dev * dev
+    return np.float64(n), mean, m2
+
+
+@_helper
+def row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles):
+    """Mean and M2 of channel c: its tiles in order, merged one by one."""
+    M, _, L = x3.shape
+    n, mean, m2 = row_tile_mean_m2(x3, c, *row_tile(0, M, L, rows, chunk, chunks))
+    for j in range(1, tiles):
+        n_b, mean_b, m2_b = row_tile_mean_m2(x3, c, *row_tile(j, M, L, rows, chunk, chunks))
+        n, mean, m2 = chan_merge(n, mean, m2, n_b, mean_b, m2_b)
+    return n, mean, m2
+
+
+@_helper
+def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3):
+    for m in range(m0, m1):
+        for i in range(l0, l1):
+            out3[m, c, i] = (x3[m, c, i] - shift) * scale + offset
+
+
+@_helper
+def row_tile_grad_sums(dy3, x3, c, m0, m1, l0, l1, mean):
+    sum_dy = 0.0
+    sum_dy_xmu = 0.0
+    for m in range(m0, m1):
+        for i in range(l0, l1):
+            dy = np.float64(dy3[m, c, i])
+            sum_dy += dy
+            sum_dy_xmu += dy * (x3[m, c, i] - mean)
+    return sum_dy, sum_dy_xmu
+
+
+@_helper
+def row_tile_input_grad(dy3, x3, c, m0, m1, l0, l1, mean, mean_dy, coef, scale, out3):
+    for m in range(m0, m1):
+        for i in range(l0, l1):
+            out3[m, c, i] = (dy3[m, c, i] - mean_dy - (x3[m, c, i] - mean) * coef) * scale
+
+
+@_helper
+def row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s):
+    M, _, L = x3.shape
+    c = t // tiles
+    count[t], means[t], m2s[t] = row_tile_mean_m2(
+        x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks))
+
+
+@_helper
+def merge_partials(count, means, m2s, first, tiles):
+    """Chan-merge ``tiles`` partials from index ``first`` on, in order."""
+    if tiles == 0:
+        return 0.0, np.nan, 0.0
+    n, mean, m2 = count[first], means[first], m2s[first]
+    for t in range(first + 1, first + tiles):
+        n, mean, m2 = chan_merge(n, mean, m2, count[t], means[t], m2s[t])
+    return n, mean, m2
+
+
+@_helper
+def row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3):
+    M, _, L = x3.shape
+    c = t // tiles
+    row_tile_normalize(x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks),
+                       shift[c], scale[c], offset[c], out3)
+
+
+@_kernel
+def rows_channel_stats(x3, tile, parallel):
+    M, C, L = x3.shape
+    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    count = np.empty(C * tiles)
+    means = np.empty(C * tiles)
+    m2s = np.empty(C * tiles)
+    if parallel:
+        for t in prange(C * tiles):
+            row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s)
+    else:
+        for t in range(C * tiles):
+            row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s)
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    for c in range(C):
+        _, mean[c], m2[c] = merge_partials(count, means, m2s, c * tiles, tiles)
+    return mean, m2
+
+
+@_kernel
+def rows_normalize(x3, shift, scale, offset, out3, tile, parallel):
+    M, C, L = x3.shape
+    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    if parallel:
+        for t in prange(C * tiles):
+            row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
+    else:
+        for t in range(C * tiles):
+            row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
+
+
+@_helper
+def row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset, out3,
+                        mean_out, var_out, invstd_out, scale):
+    """Statistics, then normalize, of one channel: the second read comes from cache."""
+    M, _, L = x3.shape
+    n, mean, m2 = row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles)
+    finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
+    for j in range(tiles):
+        row_tile_normalize(x3, c, *row_tile(j, M, L, rows, chunk, chunks),
+                           mean_out[c], scale[c], offset[c], out3)
+
+
+@_kernel
+def rows_forward_train(x3, weight64, offset, eps, out3, mean_out, var_out, invstd_out,
+                       tile, parallel, resident):
+    """Fused statistics and normalize. ``resident``: one task per channel (channel in L2)."""
+    M, C, L = x3.shape
+    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    scale = np.empty(C, dtype=out3.dtype)
+    if resident and parallel:
+        for c in prange(C):
+            row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset,
+                                out3, mean_out, var_out, invstd_out, scale)
+        return
+    mean, m2 = rows_channel_stats(x3, tile, parallel)
+    for c in range(C):
+        finish_channel(c, M * L, mean[c], m2[c], eps, weight64, mean_out, var_out,
+                       invstd_out, scale)
+    rows_normalize(x3, mean_out, scale, offset, out3, tile, parallel)
+
+
+@_helper
+def row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy, sums_dy_xmu):
+    M, _, L = x3.shape
+    c = t // tiles
+    sums_dy[t], sums_dy_xmu[t] = row_tile_grad_sums(
+        dy3, x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks), mean64[c])
+
+
+@_kernel
+def rows_grad_sums(dy3, x3, mean64, tile, parallel):
+    M, C, L = x3.shape
+    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    sums_dy = np.empty(C * tiles)
+    sums_dy_xmu = np.empty(C * tiles)
+    if parallel:
+        for t in prange(C * tiles):
+            row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy,
+                                  sums_dy_xmu)
+    else:
+        for t in range(C * tiles):
+            row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy,
+                                  sums_dy_xmu)
+    sum_dy = np.zeros(C)
+    sum_dy_xmu = np.zeros(C)
+    for c in range(C):
+        for t in range(c * tiles, (c + 1) * tiles):
+            sum_dy[c] += sums_dy[t]
+            sum_dy_xmu[c] += sums_dy_xmu[t]
+    return sum_dy, sum_dy_xmu
+
+
+@_helper
+def grad_coefficients(c, n, sum_dy, sum_dy_xmu, mean64, invstd64, weight64, coefs):
+    """``coefs[:, c] = (mean, sum_dy / n, invstd**2 * sum_dy_xmu / n, weight * invstd)``."""
+    invstd = invstd64[c]
+    coefs[0, c] = mean64[c]
+    coefs[1, c] = sum_dy / n
+    coefs[2, c] = invstd * invstd * sum_dy_xmu / n
+    coefs[3, c] = weight64[c] * invstd
+
+
+@_helper
+def row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3):
+    M, _, L = x3.shape
+    c = t // tiles
+    row_tile_input_grad(dy3, x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks),
+                        coefs[0, c], coefs[1, c], coefs[2, c], coefs[3, c], out3)
+
+
+@_kernel
+def rows_input_grad(dy3, x3, coefs, out3, tile, parallel):
+    """dx from ``coefs`` (rows of :func:`grad_coefficients`, in the dtype of ``out3``)."""
+    M, C, L = x3.shape
+    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    if parallel:
+        for t in prange(C * tiles):
+            row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3)
+    else:
+        for t in range(C * tiles):
+            row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3)
+
+
+@_helper
+def row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd64, weight64,
+                         coefs, out3, sum_dy, sum_dy_xmu):
+    M, _, L = x3.shape
+    for j in range(tiles):
+        s_dy, s_dy_xmu = row_tile_grad_sums(dy3, x3, c, *row_tile(j, M, L, rows, chunk, chunks),
+                                            mean64[c])
+        sum_dy[c] += s_dy
+        sum_dy_xmu[c] += s_dy_xmu
+    grad_coefficients(c, M * L, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64, coefs)
+    for j in range(tiles):
+        row_tile_input_grad(dy3, x3, c, *row_tile(j, M, L, rows, chunk, chunks),
+                            coefs[0, c], coefs[1, c], coefs[2, c], coefs[3, c], out3)
+
+
+@_kernel
+def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile, parallel, resident):
+    """Fused gradient sums and dx; returns ``(sum_dy, sum_dy_xmu)`` in float64."""
+    M, C, L = x3.shape
+    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    coefs = np.empty((4, C), dtype=out3.dtype)
+    if resident and parallel:
+        sum_dy = np.zeros(C)
+        sum_dy_xmu = np.zeros(C)
+        for c in prange(C):
+            row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd64,
+                                 weight64, coefs, out3, sum_dy, sum_dy_xmu)
+        return sum_dy, sum_dy_xmu
+    sum_dy, sum_dy_xmu = rows_grad_sums(dy3, x3, mean64, tile, parallel)
+    for c in range(C):
+        grad_coefficients(c, M * L, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64,
+                          coefs)
+    rows_input_grad(dy3, x3, coefs, out3, tile, parallel)
+    return sum_dy, sum_dy_xmu
+
+
+# -- channels-last: x2 of shape (M, C) ------------------------------------------------------
+
+@_helper
+def col_tiling(M, C, tile, column_block, min_rows):
+    """``(rows, cols, col_blocks, row_blocks)``: tiles of ``rows`` x ``cols`` values."""
+    if M == 0 or C == 0:
+        return 1, 1, 0, 0
+    cols = min(C, column_block)
+    rows = max(min_rows, tile // cols)
+    return rows, cols, ceil_div(C, cols), ceil_div(M, rows)
+
+
+@_helper
+def col_tile(t, M, C, rows, cols, col_blocks):
+    """``(block, m0, m1, c0, c1)``: row block and bounds of tile t."""
+    block = t // col_blocks
+    m0 = block * rows
+    c0 = (t - block * col_blocks) * cols
+    return block, m0, min(m0 + rows, M), c0, min(c0 + cols, C)
+
+
+@_helper
+def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
+    """Partial rows ``means[block, c0:c1]`` and ``m2s[block, c0:c1]`` of one tile."""
+    for c in range(c0, c1):
+        means[block, c] = 0.0
+        m2s[block, c] = 0.0
+    for m in range(m0, m1):
+        for c in range(c0, c1):
+            means[block, c] += x2[m, c]
+    for c in range(c0, c1):
+        means[block, c] /= m1 - m0
+    for m in range(m0, m1):
+        for c in range(c0, c1):
+            dev = x2[m, c] - means[block, c]
+            m2s[block, c] += dev * dev
+
+
+@_helper
+def col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s):
+    M, C = x2.shape
+    col_tile_mean_m2(x2, *col_tile(t, M, C, rows, cols, col_blocks), means, m2s)
+
+
+@_kernel
+def cols_channel_stats(x2, tile, column_block, min_rows, parallel):
+    M, C = x2.shape
+    rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
+    means = np.empty((row_blocks, C))
+    m2s = np.empty((row_blocks, C))
+    if parallel:
+        for t in prange(row_blocks * col_blocks):
+            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
+    else:
+        for t in range(row_blocks * col_blocks):
+            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
+    if row_blocks == 0:
+        return np.full(C, np.nan), np.zeros(C)
+    mean = means[0].copy()
+    m2 = m2s[0].copy()
+    n = np.float64(min(rows, M))
+    for block in range(1, row_blocks):
+        n_b = np.float64(min(rows, M - block * rows))
+        for c in range(C):
+            _, mean[c], m2[c] = chan_merge(n, mean[c], m2[c], n_b, means[block, c],
+                                             m2s[block, c])
+        n += n_b
+    return mean, m2
+
+
+@_helper
+def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2):
+    M, C = x2.shape
+    _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
+    for m in range(m0, m1):
+        for c in range(c0, c1):
+            out2[m, c] = (x2[m, c] - shift[c]) * scale[c] + offset[c]
+
+
+@_kernel
+def cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows, parallel):
+    M, C = x2.shape
+    rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
+    if parallel:
+        for t in prange(row_blocks * col_blocks):
+            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
+    else:
+        for t in range(row_blocks * col_blocks):
+            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
+
+
+@_kernel
+def cols_forward_train(x2, weight64, offset, eps, out2, mean_out, var_out, invstd_out,
+                       tile, column_block, min_rows, parallel):
+    M, C = x2.shape
+    mean, m2 = cols_channel_stats(x2, tile, column_block, min_rows, parallel)
+    scale = np.empty(C, dtype=out2.dtype)
+    for c in range(C):
+        finish_channel(c, M, mean[c], m2[c], eps, weight64, mean_out, var_out, invstd_out,
+                       scale)
+    cols_normalize(x2, mean_out, scale, offset, out2, tile, column_block, min_rows, parallel)
+
+
+@_helper
+def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu):
+    M, C = x2.shape
+    block, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
+    for c in range(c0, c1):
+        sums_dy[block, c] = 0.0
+        sums_dy_xmu[block, c] = 0.0
+    for m in range(m0, m1):
+        for c in range(c0, c1):
+            dy = np.float64(dy2[m, c])
+            sums_dy[block, c] += dy
+            sums_dy_xmu[block, c] += dy * (x2[m, c] - mean64[c])
+
+
+@_kernel
+def cols_grad_sums(dy2, x2, mean64, tile, column_block, min_rows, parallel):
+    M, C = x2.shape
+    rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
+    sums_dy = np.empty((row_blocks, C))
+    sums_dy_xmu = np.empty((row_blocks, C))
+    if parallel:
+        for t in prange(row_blocks * col_blocks):
+            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy,
+                                  sums_dy_xmu)
+    else:
+        for t in range(row_blocks * col_blocks):
+            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy,
+                                  sums_dy_xmu)
+    sum_dy = np.zeros(C)
+    sum_dy_xmu = np.zeros(C)
+    for block in range(row_blocks):
+        for c in range(C):
+            sum_dy[c] += sums_dy[block, c]
+            sum_dy_xmu[c] += sums_dy_xmu[block, c]
+    return sum_dy, sum_dy_xmu
+
+
+@_helper
+def col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2):
+    M, C = x2.shape
+    _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
+    mean, mean_dy, coef, scale = coefs[0], coefs[1], coefs[2], coefs[3]
+    for m in range(m0, m1):
+        for c in range(c0, c1):
+            out2[m, c] = (dy2[m, c] - mean_dy[c] - (x2[m, c] - mean[c]) * coef[c]) * scale[c]
+
+
+@_kernel
+def cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, parallel):
+    M, C = x2.shape
+    rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
+    if parallel:
+        for t in prange(row_blocks * col_blocks):
+            col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2)
+    else:
+        for t in range(row_blocks * col_blocks):
+            col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2)
+
+
+@_kernel
+def cols_backward_train(dy2, x2, mean64, invstd64, weight64, out2, tile, column_block,
+                        min_rows, parallel):
+    M, C = x2.shape
+    sum_dy, sum_dy_xmu = cols_grad_sums(dy2, x2, mean64, tile, column_block, min_rows, parallel)
+    coefs = np.empty((4, C), dtype=out2.dtype)
+    for c in range(C):
+        grad_coefficients(c, M, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64, coefs)
+    cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, parallel)
+    return sum_dy, sum_dy_xmu
