@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from threadpoolctl import threadpool_limits
 
 import batchnorm as bn
 
@@ -54,8 +55,9 @@ def load_data(seed: int = 0):
     """Digits scaled to [0, 1], split 80/20 with every class in proportion."""
     digits = load_digits()
     x = (digits.data / 16.0).astype(DTYPE)
-    return train_test_split(x, digits.target, test_size=0.2, random_state=seed,
-                            stratify=digits.target)
+    return train_test_split(
+        x, digits.target, test_size=0.2, random_state=seed, stratify=digits.target
+    )
 
 
 class MLP:
@@ -68,8 +70,10 @@ class MLP:
     def __init__(self, sizes, use_bn: bool, init_scale: float, rng: np.random.Generator):
         self.use_bn = use_bn
         # He initialisation times init_scale: 1 keeps activations O(1) through ReLU layers.
-        self.weights = [(rng.standard_normal((n_in, n_out)) * init_scale * np.sqrt(2 / n_in))
-                        .astype(DTYPE) for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)]
+        self.weights = [
+            (rng.standard_normal((n_in, n_out)) * init_scale * np.sqrt(2 / n_in)).astype(DTYPE)
+            for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
+        ]
         hidden = sizes[1:-1]
         if use_bn:
             self.shifts = [np.zeros(n, DTYPE) for n in hidden]  # beta
@@ -99,10 +103,14 @@ class MLP:
             if self.use_bn:
                 untracked = training and not track_running
                 a, mean, invstd = bn.forward(
-                    z, self.gammas[i], self.shifts[i],
+                    z,
+                    self.gammas[i],
+                    self.shifts[i],
                     None if untracked else self.running_means[i],
                     None if untracked else self.running_vars[i],
-                    training=training, momentum=MOMENTUM)
+                    training=training,
+                    momentum=MOMENTUM,
+                )
             else:
                 a = z + self.shifts[i]
             self._cache.append((h, z, a, mean, invstd))
@@ -162,9 +170,10 @@ def train(data, use_bn: bool, lr: float, epochs: int, seed: int, init_scale: flo
             losses = []
             # Drop the last partial batch: a batch of 1 has no batch statistics.
             for start in range(0, len(order) - BATCH_SIZE + 1, BATCH_SIZE):
-                batch = order[start:start + BATCH_SIZE]
-                loss, dlogits = cross_entropy(model.forward(x_train[batch], training=True),
-                                              y_train[batch])
+                batch = order[start : start + BATCH_SIZE]
+                loss, dlogits = cross_entropy(
+                    model.forward(x_train[batch], training=True), y_train[batch]
+                )
                 losses.append(loss)
                 if not np.isfinite(loss):
                     history["diverged"] = True
@@ -175,7 +184,8 @@ def train(data, use_bn: bool, lr: float, epochs: int, seed: int, init_scale: flo
             history["test_acc"].append(accuracy(model, x_test, y_test))
             if use_bn:
                 history["test_acc_batch_stats"].append(
-                    accuracy(model, x_test, y_test, training=True))
+                    accuracy(model, x_test, y_test, training=True)
+                )
             if history["diverged"]:
                 break
     return model, history
@@ -185,27 +195,47 @@ def final_accuracy(history) -> float:
     return history["test_acc"][-1]
 
 
-def run_convergence(data, cfg):
+class Runs:
+    """Training runs, memoised: the experiments share their baseline (base learning rate,
+    init scale 1), so each (batch norm or not, seed) baseline is trained once."""
+
+    def __init__(self, data, epochs: int):
+        self.data, self.epochs, self._done = data, epochs, {}
+
+    def get(self, use_bn: bool, seed: int, lr: float, init_scale: float = 1.0):
+        key = (use_bn, seed, lr, init_scale)
+        if key not in self._done:
+            self._done[key] = train(self.data, use_bn, lr, self.epochs, seed, init_scale)
+        return self._done[key]
+
+
+def run_convergence(runs: Runs, cfg):
     curves = {}
     for use_bn in (False, True):
-        runs = [train(data, use_bn, cfg["base_lr"], cfg["epochs"], seed)[1]
-                for seed in cfg["seeds"]]
-        curves[use_bn] = {key: np.mean([r[key] for r in runs], axis=0)
-                          for key in ("loss", "test_acc")}
+        histories = [runs.get(use_bn, seed, cfg["base_lr"])[1] for seed in cfg["seeds"]]
+        curves[use_bn] = {
+            key: np.mean([h[key] for h in histories], axis=0) for key in ("loss", "test_acc")
+        }
     return curves
 
 
-def run_sweep(data, cfg, values, make_run):
+def run_sweep(cfg, values, make_run):
     """Final test accuracy per value of a setting: {use_bn: array (values, seeds)}."""
-    return {use_bn: np.array([[final_accuracy(make_run(use_bn, value, seed)[1])
-                               for seed in cfg["seeds"]] for value in values])
-            for use_bn in (False, True)}
+    return {
+        use_bn: np.array(
+            [
+                [final_accuracy(make_run(use_bn, value, seed)[1]) for seed in cfg["seeds"]]
+                for value in values
+            ]
+        )
+        for use_bn in (False, True)
+    }
 
 
-def run_train_vs_eval(data, cfg):
+def run_train_vs_eval(runs: Runs, cfg):
     """A BN model's test accuracy with running statistics and with batch statistics."""
-    x_train, x_test, y_train, y_test = data
-    model, history = train(data, True, cfg["base_lr"], cfg["epochs"], cfg["seeds"][0])
+    x_train, x_test, y_train, y_test = runs.data
+    model, history = runs.get(True, cfg["seeds"][0], cfg["base_lr"])
     rng = np.random.default_rng(0)
     by_batch_size = {}
     for size in cfg["eval_batch_sizes"]:
@@ -215,7 +245,7 @@ def run_train_vs_eval(data, cfg):
             usable = len(order) - len(order) % size
             correct = 0
             for start in range(0, usable, size):
-                idx = order[start:start + size]
+                idx = order[start : start + size]
                 logits = model.forward(x_test[idx], training=True, track_running=False)
                 correct += int((logits.argmax(axis=1) == y_test[idx]).sum())
             accs.append(correct / usable)
@@ -226,8 +256,7 @@ def run_train_vs_eval(data, cfg):
         "eval_acc": accuracy(model, x_test, y_test),
         "by_batch_size": by_batch_size,
         "history": history,
-        "eval_is_batch_independent": bool(np.allclose(single, in_batch, rtol=1e-5,
-                                                      atol=1e-5)),
+        "eval_is_batch_independent": bool(np.allclose(single, in_batch, rtol=1e-5, atol=1e-5)),
         "model": model,
     }
 
@@ -252,22 +281,38 @@ def plot_all(results, cfg, out: Path) -> list[Path]:
         epochs = np.arange(1, len(curve["loss"]) + 1)
         loss_ax.plot(epochs, curve["loss"], color=colors[use_bn], label=labels[use_bn])
         acc_ax.plot(epochs, curve["test_acc"], color=colors[use_bn], label=labels[use_bn])
-    loss_ax.set(xlabel="epoch", ylabel="training loss", yscale="log",
-                title=f"convergence at lr={cfg['base_lr']}")
+    loss_ax.set(
+        xlabel="epoch",
+        ylabel="training loss",
+        yscale="log",
+        title=f"convergence at lr={cfg['base_lr']}",
+    )
     acc_ax.set(xlabel="epoch", ylabel="test accuracy", ylim=(0.5, 1.0))
     acc_ax.legend()
     save(fig, "convergence.png")
 
-    for key, xlabel, name in (("learning_rates", "learning rate", "learning_rate.png"),
-                              ("init_scales", "weight init scale (x He std)",
-                               "init_scale.png")):
+    for key, xlabel, name in (
+        ("learning_rates", "learning rate", "learning_rate.png"),
+        ("init_scales", "weight init scale (x He std)", "init_scale.png"),
+    ):
         fig = Figure(figsize=(4.8, 3.4))
         ax = fig.subplots()
         for use_bn, accs in results[key].items():
-            ax.errorbar(cfg[key], accs.mean(axis=1), yerr=accs.std(axis=1), marker="o",
-                        capsize=3, color=colors[use_bn], label=labels[use_bn])
-        ax.set(xscale="log", xlabel=xlabel, ylabel=f"test accuracy after {cfg['epochs']} epochs",
-               ylim=(0, 1.02))
+            ax.errorbar(
+                cfg[key],
+                accs.mean(axis=1),
+                yerr=accs.std(axis=1),
+                marker="o",
+                capsize=3,
+                color=colors[use_bn],
+                label=labels[use_bn],
+            )
+        ax.set(
+            xscale="log",
+            xlabel=xlabel,
+            ylabel=f"test accuracy after {cfg['epochs']} epochs",
+            ylim=(0, 1.02),
+        )
         ax.legend()
         save(fig, name)
 
@@ -276,18 +321,29 @@ def plot_all(results, cfg, out: Path) -> list[Path]:
     size_ax, epoch_ax = fig.subplots(1, 2)
     sizes = list(tve["by_batch_size"])
     means, stds = np.array([tve["by_batch_size"][s] for s in sizes]).T
-    size_ax.errorbar(sizes, means, yerr=stds, marker="o", capsize=3, color="tab:green",
-                     label="training mode (batch statistics)")
+    size_ax.errorbar(
+        sizes,
+        means,
+        yerr=stds,
+        marker="o",
+        capsize=3,
+        color="tab:green",
+        label="training mode (batch statistics)",
+    )
     size_ax.axhline(tve["eval_acc"], color="tab:blue", label="eval mode (running statistics)")
     size_ax.set_xscale("log", base=2)
-    size_ax.set(xlabel="test batch size", ylabel="test accuracy",
-                title="same trained model")
+    size_ax.set(xlabel="test batch size", ylabel="test accuracy", title="same trained model")
     size_ax.legend()
     history = tve["history"]
     epochs = np.arange(1, len(history["test_acc"]) + 1)
     epoch_ax.plot(epochs, history["test_acc"], color="tab:blue", label="running statistics")
-    epoch_ax.plot(epochs, history["test_acc_batch_stats"], color="tab:green", ls="--",
-                  label="batch statistics (whole test set)")
+    epoch_ax.plot(
+        epochs,
+        history["test_acc_batch_stats"],
+        color="tab:green",
+        ls="--",
+        label="batch statistics (whole test set)",
+    )
     epoch_ax.set(xlabel="epoch", ylabel="test accuracy", title="during training")
     epoch_ax.legend()
     save(fig, "train_eval.png")
@@ -295,27 +351,39 @@ def plot_all(results, cfg, out: Path) -> list[Path]:
 
 
 def summarize(results, cfg) -> str:
-    lines = [f"digits MLP {HIDDEN}, batch {BATCH_SIZE}, plain SGD, {cfg['epochs']} epochs, "
-             f"seeds {list(cfg['seeds'])} (mean +- std over seeds)", ""]
+    lines = [
+        f"digits MLP {HIDDEN}, batch {BATCH_SIZE}, plain SGD, {cfg['epochs']} epochs, "
+        f"seeds {list(cfg['seeds'])} (mean +- std over seeds), backend {results['backend']}",
+        "",
+    ]
     conv = results["convergence"]
-    lines.append(f"convergence at lr={cfg['base_lr']}: epoch | loss no-BN, BN | "
-                 "test acc no-BN, BN")
+    lines.append(
+        f"convergence at lr={cfg['base_lr']}: epoch | loss no-BN, BN | test acc no-BN, BN"
+    )
     for epoch in sorted({0, 1, 4, len(conv[True]["loss"]) - 1}):
         if epoch < len(conv[True]["loss"]):
-            lines.append(f"  {epoch + 1:3d} | {conv[False]['loss'][epoch]:.3f}, "
-                         f"{conv[True]['loss'][epoch]:.3f} | "
-                         f"{conv[False]['test_acc'][epoch]:.3f}, "
-                         f"{conv[True]['test_acc'][epoch]:.3f}")
+            lines.append(
+                f"  {epoch + 1:3d} | {conv[False]['loss'][epoch]:.3f}, "
+                f"{conv[True]['loss'][epoch]:.3f} | "
+                f"{conv[False]['test_acc'][epoch]:.3f}, "
+                f"{conv[True]['test_acc'][epoch]:.3f}"
+            )
     for key, title in (("learning_rates", "learning rate"), ("init_scales", "init scale")):
         lines += ["", f"final test accuracy per {title}: value | no-BN | BN"]
-        for value, plain, normed in zip(cfg[key], results[key][False], results[key][True],
-                                        strict=True):
-            lines.append(f"  {value:5g} | {plain.mean():.3f} +- {plain.std():.3f} | "
-                         f"{normed.mean():.3f} +- {normed.std():.3f}")
+        for value, plain, normed in zip(
+            cfg[key], results[key][False], results[key][True], strict=True
+        ):
+            lines.append(
+                f"  {value:5g} | {plain.mean():.3f} +- {plain.std():.3f} | "
+                f"{normed.mean():.3f} +- {normed.std():.3f}"
+            )
     tve = results["train_vs_eval"]
-    lines += ["", f"train vs eval (BN model, seed {cfg['seeds'][0]}): "
-              f"eval mode (running stats) test acc {tve['eval_acc']:.3f}",
-              "  test batch size | training-mode (batch stats) test acc"]
+    lines += [
+        "",
+        f"train vs eval (BN model, seed {cfg['seeds'][0]}): "
+        f"eval mode (running stats) test acc {tve['eval_acc']:.3f}",
+        "  test batch size | training-mode (batch stats) test acc",
+    ]
     for size, (mean, std) in tve["by_batch_size"].items():
         lines.append(f"  {size:4d} | {mean:.3f} +- {std:.3f}")
     return "\n".join(lines) + "\n"
@@ -332,19 +400,24 @@ def numpy_backend_name(requested: str) -> str:
 def run(quick: bool = False, out: Path | None = None, backend: str = "auto"):
     """Run every experiment; write figures and ``summary.txt`` into ``out`` when given."""
     cfg = QUICK if quick else FULL
-    data = load_data()
-    with bn.use_backend(backend):
+    runs = Runs(load_data(), cfg["epochs"])
+    # The matrices are 64 wide: BLAS threads would only add synchronisation (and spin-wait
+    # on a busy machine), so the products run single-threaded.
+    with threadpool_limits(limits=1, user_api="blas"), bn.use_backend(backend):
         results = {
             "backend": numpy_backend_name(backend),
-            "convergence": run_convergence(data, cfg),
+            "convergence": run_convergence(runs, cfg),
             "learning_rates": run_sweep(
-                data, cfg, cfg["learning_rates"],
-                lambda use_bn, lr, seed: train(data, use_bn, lr, cfg["epochs"], seed)),
+                cfg,
+                cfg["learning_rates"],
+                lambda use_bn, lr, seed: runs.get(use_bn, seed, lr),
+            ),
             "init_scales": run_sweep(
-                data, cfg, cfg["init_scales"],
-                lambda use_bn, scale, seed: train(data, use_bn, cfg["base_lr"], cfg["epochs"],
-                                                  seed, init_scale=scale)),
-            "train_vs_eval": run_train_vs_eval(data, cfg),
+                cfg,
+                cfg["init_scales"],
+                lambda use_bn, scale, seed: runs.get(use_bn, seed, cfg["base_lr"], scale),
+            ),
+            "train_vs_eval": run_train_vs_eval(runs, cfg),
         }
     results["summary"] = summarize(results, cfg)
     if out is not None:
@@ -356,17 +429,24 @@ def run(quick: bool = False, out: Path | None = None, backend: str = "auto"):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer epochs, seeds and settings (the CI test)")
-    parser.add_argument("--out", type=Path, default=Path("train_digits_output"),
-                        help="folder for the figures and summary.txt")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer epochs, seeds and settings (the CI test)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("train_digits_output"),
+        help="folder for the figures and summary.txt",
+    )
     parser.add_argument("--backend", default="auto", help="batchnorm backend name")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results = run(args.quick, args.out, args.backend)
     print(results["summary"], end="")
-    print(f"\nbackend {results['backend']}, {time.perf_counter() - started:.1f} s; "
-          f"wrote {', '.join(str(p) for p in results['figures'])}")
+    print(
+        f"\nbackend {results['backend']}, {time.perf_counter() - started:.1f} s; "
+        f"wrote {', '.join(str(p) for p in results['figures'])}"
+    )
     return results
 
 

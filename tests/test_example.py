@@ -62,11 +62,13 @@ def test_eval_mode_normalizes_with_the_running_statistics(example):
     for i, weight in enumerate(model.weights[:-1]):
         z = h @ weight
         invstd = 1 / np.sqrt(model.running_vars[i].astype(np.float64) + 1e-5)
-        h = np.maximum((z - model.running_means[i]) * invstd * model.gammas[i]
-                       + model.shifts[i], 0)
+        h = np.maximum(
+            (z - model.running_means[i]) * invstd * model.gammas[i] + model.shifts[i], 0
+        )
     expected = h @ model.weights[-1] + model.out_bias
-    np.testing.assert_allclose(model.forward(x_test, training=False), expected,
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        model.forward(x_test, training=False), expected, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_running_statistics_track_the_training_data(results, example):
@@ -75,8 +77,7 @@ def test_running_statistics_track_the_training_data(results, example):
     pre_activation = x_train @ model.weights[0]
     scale = pre_activation.std(axis=0)
     assert np.all(np.abs(model.running_means[0] - pre_activation.mean(axis=0)) < 0.2 * scale)
-    np.testing.assert_allclose(model.running_vars[0], pre_activation.var(axis=0, ddof=1),
-                               rtol=0.2)
+    np.testing.assert_allclose(model.running_vars[0], pre_activation.var(axis=0, ddof=1), rtol=0.2)
 
 
 def test_train_mode_depends_on_the_batch_and_eval_mode_does_not(results):
