@@ -203,8 +203,8 @@ __global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>) channe
     }
 }
 
-// Merges the [splits, C] partials in split order. Writes mean, and m2 and/or the biased
-// variance and invstd = 1 / sqrt(var + eps) where those pointers are not null.
+// Merges the [splits, C] partials in split order. Writes mean, and each of m2, the biased
+// variance and invstd = 1 / sqrt(var + eps) whose pointer is not null.
 template <typename A>
 __global__ void channel_stats_finish(const A* __restrict__ partial_mean,
                                      const A* __restrict__ partial_m2, int splits, int channels,
@@ -221,12 +221,10 @@ __global__ void channel_stats_finish(const A* __restrict__ partial_mean,
         }
         mean[c] = total.mean;
         if (m2 != nullptr) m2[c] = total.m2;
-        if (var != nullptr) {
-            A biased = total.m2 / A(plane);
-            biased = biased < 0 ? A(0) : biased;  // a NaN stays NaN
-            var[c] = biased;
-            invstd[c] = A(1) / sqrt(biased + A(eps));
-        }
+        A biased = total.m2 / A(plane);
+        biased = biased < 0 ? A(0) : biased;  // a NaN stays NaN
+        if (var != nullptr) var[c] = biased;
+        if (invstd != nullptr) invstd[c] = A(1) / sqrt(biased + A(eps));
     }
 }
 
