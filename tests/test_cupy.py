@@ -60,7 +60,7 @@ needs_device = pytest.mark.skipif(_device_count() == 0, reason="no CUDA device")
 
 # -- the CUDA C source, parsed ---------------------------------------------------------------
 _KERNEL_RE = re.compile(
-    r"template <typename (\w+)>\s*__global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)"
+    r"template <typename (\w+)>\s*__global__ void (?:__launch_bounds__\([^)]*\)\s+)?(\w+)"
     r"\(([^)]*)\)\s*\{(.*?)(?=\ntemplate <|\Z)",
     re.S,
 )

@@ -24,7 +24,6 @@
 #error "define BN_UNROLL (batchnorm_cupy._launch.UNROLL)"
 #endif
 
-
 // IEEE binary16 storage. Converted with PTX instructions so that no header is needed, which
 // keeps the NVRTC compile independent of where the CUDA headers are installed.
 struct half_bits {
@@ -116,7 +115,9 @@ template <typename A>
 struct MeanM2 {
     A count, mean, m2;
 
-    // Chan, Golub and LeVeque's pairwise update: exact for any split of the values.
+    // Chan, Golub and LeVeque's pairwise update, valid for any split of the values. Counts
+    // are whole numbers, exact in float below 2**24: a thread's share stays far below that
+    // (the launch plan gives each thread at most the plane over splits x lanes).
     __device__ void merge(const MeanM2& other) {
         if (other.count == 0) return;
         if (count == 0) {
@@ -156,12 +157,11 @@ __device__ void merge_lanes(State* shared, const BlockShare& share, int channels
 }
 
 template <typename T>
-__global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>) channel_stats_partial(const T* __restrict__ x, long long x_outer_stride,
-                                      long long x_channel_stride, long long x_inner_stride,
-                                      long long outer, int channels, long long inner,
-                                      int channels_per_block, long long chunk,
-                                      acc_t<T>* __restrict__ partial_mean,
-                                      acc_t<T>* __restrict__ partial_m2) {
+__global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>)
+channel_stats_partial(const T* __restrict__ x, long long x_outer_stride,
+                      long long x_channel_stride, long long x_inner_stride, long long outer,
+                      int channels, long long inner, int channels_per_block, long long chunk,
+                      acc_t<T>* __restrict__ partial_mean, acc_t<T>* __restrict__ partial_m2) {
     using A = acc_t<T>;
     __shared__ MeanM2<A> shared[BN_BLOCK_THREADS];
     const BlockShare share(channels_per_block, chunk, outer * inner);
@@ -209,8 +209,8 @@ template <typename A>
 __global__ void channel_stats_finish(const A* __restrict__ partial_mean,
                                      const A* __restrict__ partial_m2, int splits, int channels,
                                      long long plane, long long chunk, double eps,
-                                     A* __restrict__ mean, A* __restrict__ m2,
-                                     A* __restrict__ var, A* __restrict__ invstd) {
+                                     A* __restrict__ mean, A* __restrict__ m2, A* __restrict__ var,
+                                     A* __restrict__ invstd) {
     for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < channels;
          c += (long long)gridDim.x * blockDim.x) {
         MeanM2<A> total = {0, 0, 0};
@@ -229,15 +229,13 @@ __global__ void channel_stats_finish(const A* __restrict__ partial_mean,
 }
 
 template <typename T>
-__global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>) grad_sums_partial(const T* __restrict__ dy, long long dy_outer_stride,
-                                  long long dy_channel_stride, long long dy_inner_stride,
-                                  const T* __restrict__ x, long long x_outer_stride,
-                                  long long x_channel_stride, long long x_inner_stride,
-                                  long long outer, int channels, long long inner,
-                                  int channels_per_block, long long chunk,
-                                  const acc_t<T>* __restrict__ mean,
-                                  acc_t<T>* __restrict__ partial_dy,
-                                  acc_t<T>* __restrict__ partial_dy_xmu) {
+__global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>)
+grad_sums_partial(const T* __restrict__ dy, long long dy_outer_stride, long long dy_channel_stride,
+                  long long dy_inner_stride, const T* __restrict__ x, long long x_outer_stride,
+                  long long x_channel_stride, long long x_inner_stride, long long outer,
+                  int channels, long long inner, int channels_per_block, long long chunk,
+                  const acc_t<T>* __restrict__ mean, acc_t<T>* __restrict__ partial_dy,
+                  acc_t<T>* __restrict__ partial_dy_xmu) {
     using A = acc_t<T>;
     __shared__ SumPair<A> shared[BN_BLOCK_THREADS];
     const BlockShare share(channels_per_block, chunk, outer * inner);
@@ -294,15 +292,13 @@ __global__ void grad_sums_finish(const A* __restrict__ partial_dy,
 
 // out = (x - mean) * (weight * invstd) + bias; mean, weight and bias may be null (0, 1, 0).
 template <typename T>
-__global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>) normalize(const T* __restrict__ x, long long x_outer_stride,
-                          long long x_channel_stride, long long x_inner_stride,
-                          T* __restrict__ out, long long out_outer_stride,
-                          long long out_channel_stride, long long out_inner_stride,
-                          long long outer, int channels, long long inner, int channels_per_block,
-                          long long chunk, const acc_t<T>* __restrict__ mean,
-                          const acc_t<T>* __restrict__ invstd,
-                          const acc_t<T>* __restrict__ weight,
-                          const acc_t<T>* __restrict__ bias) {
+__global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>)
+normalize(const T* __restrict__ x, long long x_outer_stride, long long x_channel_stride,
+          long long x_inner_stride, T* __restrict__ out, long long out_outer_stride,
+          long long out_channel_stride, long long out_inner_stride, long long outer, int channels,
+          long long inner, int channels_per_block, long long chunk,
+          const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
+          const acc_t<T>* __restrict__ weight, const acc_t<T>* __restrict__ bias) {
     using A = acc_t<T>;
     const BlockShare share(channels_per_block, chunk, outer * inner);
     for (long long tile = blockIdx.y; tile * channels_per_block < channels; tile += gridDim.y) {
@@ -336,18 +332,15 @@ __global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>) normal
 // out = weight * invstd * (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n).
 // weight may be null (1).
 template <typename T>
-__global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>) input_grad(const T* __restrict__ dy, long long dy_outer_stride,
-                           long long dy_channel_stride, long long dy_inner_stride,
-                           const T* __restrict__ x, long long x_outer_stride,
-                           long long x_channel_stride, long long x_inner_stride,
-                           T* __restrict__ out, long long out_outer_stride,
-                           long long out_channel_stride, long long out_inner_stride,
-                           long long outer, int channels, long long inner,
-                           int channels_per_block, long long chunk,
-                           const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
-                           const acc_t<T>* __restrict__ weight,
-                           const acc_t<T>* __restrict__ sum_dy,
-                           const acc_t<T>* __restrict__ sum_dy_xmu) {
+__global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>)
+input_grad(const T* __restrict__ dy, long long dy_outer_stride, long long dy_channel_stride,
+           long long dy_inner_stride, const T* __restrict__ x, long long x_outer_stride,
+           long long x_channel_stride, long long x_inner_stride, T* __restrict__ out,
+           long long out_outer_stride, long long out_channel_stride, long long out_inner_stride,
+           long long outer, int channels, long long inner, int channels_per_block, long long chunk,
+           const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
+           const acc_t<T>* __restrict__ weight, const acc_t<T>* __restrict__ sum_dy,
+           const acc_t<T>* __restrict__ sum_dy_xmu) {
     using A = acc_t<T>;
     const BlockShare share(channels_per_block, chunk, outer * inner);
     const A n = A(outer * inner);
