@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+from unittest import mock
 
 from docutils import nodes
 from docutils.parsers.rst import Directive
@@ -18,7 +20,7 @@ import batchnorm
 
 project = "batchnorm"
 author = "the batchnorm developers"
-copyright = "the batchnorm developers"  # noqa: A001 (Sphinx's name for it)
+copyright = "the batchnorm developers"
 release = version = batchnorm.__version__
 
 extensions = [
@@ -62,7 +64,12 @@ class CliHelp(Directive):
 
         argv = [*self.arguments, "--help"]
         text = io.StringIO()
-        with contextlib.redirect_stdout(text), contextlib.suppress(SystemExit):
+        # argparse wraps to the terminal width; fix it so the page is the same everywhere.
+        with (
+            mock.patch.dict(os.environ, {"COLUMNS": "88"}),
+            contextlib.redirect_stdout(text),
+            contextlib.suppress(SystemExit),
+        ):
             main(argv)
         if not text.getvalue():
             raise self.error(f"`python -m batchnorm {' '.join(argv)}` printed nothing")
@@ -72,11 +79,15 @@ class CliHelp(Directive):
 def check_api_reference_is_complete(app, env):
     """Warn (an error under -W) for a name ``batchnorm`` exports that the API page misses."""
     documented = env.get_domain("py").objects
-    missing = [name for name in batchnorm.__all__
-               if not name.startswith("__") and f"batchnorm.{name}" not in documented]
+    missing = [
+        name
+        for name in batchnorm.__all__
+        if not name.startswith("__") and f"batchnorm.{name}" not in documented
+    ]
     if missing:
-        logger.warning("batchnorm exports names the API reference does not document: %s",
-                       ", ".join(missing))
+        logger.warning(
+            "batchnorm exports names the API reference does not document: %s", ", ".join(missing)
+        )
 
 
 def setup(app):

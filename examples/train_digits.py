@@ -42,7 +42,7 @@ FULL = {
     "eval_batch_sizes": (2, 4, 8, 16, 32, 64, 128),
 }
 QUICK = {
-    "epochs": 6,
+    "epochs": 4,
     "seeds": (0,),
     "base_lr": 0.1,
     "learning_rates": (0.1, 3.0),
