@@ -412,11 +412,11 @@ def _torch_runner(case: Case, data: _Data, device: str) -> Runner:
 
 
 # -- timing and figures ----------------------------------------------------------------------
-def _seconds(call: Callable[[], object], number: int) -> float:
-    start = time.perf_counter()
+def _seconds(call: Callable[[], object], number: int, clock=time.perf_counter) -> float:
+    start = clock()
     for _ in range(number):
         call()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def best_times(
@@ -424,24 +424,26 @@ def best_times(
     rounds: int = 5,
     round_seconds: float = 0.02,
     budget_seconds: float = 2.0,
+    clock=time.perf_counter,
 ) -> dict[str, float]:
     """Best per-call time of each runner over ``rounds`` interleaved rounds.
 
     A round repeats a call until it lasts ``round_seconds`` (so tiny calls are not timer
     noise). Rounds alternate between runners, so a burst of load from a neighbour hits all
     of them alike; the minimum is the least disturbed estimate. A runner slower than
-    ``budget_seconds / rounds`` per call gets fewer rounds (at least two).
+    ``budget_seconds / rounds`` per call gets fewer rounds (at least two). ``clock`` may be
+    :func:`time.process_time` to count CPU time only (see ``benchmarks/compare.py``).
     """
     numbers, limits, best = {}, {}, {}
     for name, runner in runners.items():
-        once = _seconds(runner.call, 1)
+        once = _seconds(runner.call, 1, clock)
         numbers[name] = max(1, math.ceil(round_seconds / max(once, 1e-9)))
         limits[name] = max(2, min(rounds, int(budget_seconds / max(once, 1e-9))))
         best[name] = once
     for index in range(rounds):
         for name, runner in runners.items():
             if index < limits[name]:
-                per_call = _seconds(runner.call, numbers[name]) / numbers[name]
+                per_call = _seconds(runner.call, numbers[name], clock) / numbers[name]
                 best[name] = min(best[name], per_call)
     return best
 
@@ -500,6 +502,7 @@ def measure(
     subjects: Iterable[str],
     rounds: int = 5,
     progress: Callable[[Iterable], Iterable] = iter,
+    clock=time.perf_counter,
 ) -> tuple[dict[Case, dict[str, Figures]], dict[str, str]]:
     """Time ``subjects`` on every case; returns the figures and the skipped subjects' reasons.
 
@@ -515,7 +518,7 @@ def measure(
                 runners[subject] = make_runner(subject, case)
             except Unsupported as exc:
                 skipped.setdefault(subject, str(exc))
-        times = best_times(runners, rounds=rounds)
+        times = best_times(runners, rounds=rounds, clock=clock)
         results[case] = figures(case, times, {n: r.device for n, r in runners.items()})
     return results, skipped
 
@@ -552,7 +555,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _progress_bar(enabled: bool) -> Callable[[Iterable], Iterable]:
+def progress_bar(enabled: bool) -> Callable[[Iterable], Iterable]:
     if enabled and importlib.util.find_spec("tqdm") is not None:
         from tqdm import tqdm
 
@@ -650,7 +653,7 @@ def run_bench(args: argparse.Namespace) -> int:
     ]
     subjects = backends + peer_subjects(backends)
     results, skipped = measure(
-        cases, subjects, rounds=args.rounds, progress=_progress_bar(not args.no_progress)
+        cases, subjects, rounds=args.rounds, progress=progress_bar(not args.no_progress)
     )
     print(format_table(results))
     print(
