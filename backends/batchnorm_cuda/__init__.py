@@ -129,7 +129,9 @@ class CudaBackend(Backend):
         return self._arrays.from_host(array)
 
     def to_host(self, array: Any) -> np.ndarray:
-        """Copy a device array (or CuPy array, or any CUDA array) to a NumPy array."""
+        """Copy a device array (or CuPy array, or any CUDA array) to a new NumPy array."""
+        if isinstance(array, np.ndarray):
+            return array.copy()
         return self._arrays.to_host(self._arrays.wrap(array))
 
     # -- launching -------------------------------------------------------------------------
@@ -188,7 +190,7 @@ class CudaBackend(Backend):
         mean = self.empty((channels,), np.float64, x3)
         m2 = self.empty((channels,), np.float64, x3)
         self._per_channel(self._channel_kernels().merge_stat_partials, x3, channels,
-                          part_n, part_mean, part_m2, mean, m2)
+                          x3, part_n, part_mean, part_m2, mean, m2)
         return mean, m2
 
     def grad_sums(self, dy3, x3, mean):

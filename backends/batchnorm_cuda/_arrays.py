@@ -122,11 +122,12 @@ def contiguous_strides(shape, itemsize: int, axes_order=None) -> tuple[int, ...]
     return tuple(strides)
 
 
-def allocate(shape, dtype, like: Any, axes_order=None) -> Any:
-    """Uninitialised device array on ``like``'s stream; C order unless ``axes_order``."""
+def allocate(shape, dtype, like: Any, strides=None) -> Any:
+    """Uninitialised dense device array on ``like``'s stream; C order unless ``strides``."""
     shape = tuple(int(n) for n in shape)
     dtype = np.dtype(dtype)
-    strides = contiguous_strides(shape, dtype.itemsize, axes_order)
+    if strides is None:
+        strides = contiguous_strides(shape, dtype.itemsize)
     nbytes = math.prod(shape) * dtype.itemsize
     if SIMULATED:
         raw = np.empty(nbytes, np.uint8)
@@ -145,8 +146,12 @@ def allocate(shape, dtype, like: Any, axes_order=None) -> Any:
 
 def allocate_like(array: Any) -> Any:
     """Uninitialised array with ``array``'s shape, dtype and axis order (NumPy's order 'K')."""
+    if array.size == 0:
+        # No memory is addressed, so the argument's own strides (whatever they are) fit.
+        return allocate(array.shape, array.dtype, array, tuple(array.strides))
     order = sorted(range(len(array.shape)), key=lambda a: -abs(array.strides[a]))
-    return allocate(array.shape, array.dtype, array, order)
+    strides = contiguous_strides(array.shape, array.dtype.itemsize, order)
+    return allocate(array.shape, array.dtype, array, strides)
 
 
 def strided_view(array: Any, shape, strides) -> Any:
@@ -197,6 +202,8 @@ def from_host(array: np.ndarray) -> Any:
     """Copy a NumPy array to the device, keeping Fortran order if it has it."""
     if not isinstance(array, np.ndarray):
         raise TypeError(f"from_host expects a numpy.ndarray, got {type(array).__name__}")
+    if array.size == 0:
+        return allocate(array.shape, array.dtype, None)
     if array.flags.f_contiguous and not array.flags.c_contiguous:
         return cuda.to_device(np.asfortranarray(array))
     return cuda.to_device(np.ascontiguousarray(array))

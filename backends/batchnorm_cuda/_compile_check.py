@@ -57,11 +57,11 @@ def signatures() -> list[tuple[str, str, tuple]]:
             ("param_grads", name, (vec64, vec64, stat_vec, vec, vec)),
             ("update_running_stats", name, (vec, vec, stat_vec, stat_vec, f64, f64)),
             ("copy_strided", name, (_array(dtype, 8), _array(dtype, 8))),
+            ("merge_stat_partials", name, (x3, part_n, part, part, vec64, vec64)),
         ]
     for name in ("float32", "float64"):
         part = _array(FLOATS[name], 2)
         out += [
-            ("merge_stat_partials", name, (_array(types.int64, 2), part, part, vec64, vec64)),
             ("sum_partials", name, (part, part, vec64, vec64)),
             ("finish_stats", f"{name} batch", (vec64, vec64, f64, f64) + (_array(FLOATS[name],
                                                                                   1),) * 3),

@@ -51,7 +51,7 @@ class LaunchConfig:
 
 
 DEVICE = LaunchConfig()
-SIMULATOR = LaunchConfig(threads_per_block=8, channel_tile=4, blocks_per_sm=1, max_splits=4,
+SIMULATOR = LaunchConfig(threads_per_block=8, channel_tile=4, blocks_per_sm=4, max_splits=4,
                          max_grid_blocks=4, per_channel_threads=8)
 
 

@@ -9,9 +9,13 @@ Every array argument is an ``(outer, C, inner)`` view with any strides. Two thre
 
 Reductions write one partial result per (split, channel) into ``[splits, C]`` buffers and a
 per-channel kernel merges them in split order, so results are deterministic (no float
-atomics). Loops use 64-bit indices so arrays over 2**31 elements work. Elementwise math is
-done in ``acc`` (float32 for float16/float32 input, float64 for float64); the per-channel
-kernels work in float64, which costs nothing at C values.
+atomics). Statistics accumulate ``x - x[0, c, 0]``: a float32 Welford mean of values near
+1e4 would round every update at 1e-3, swamping a spread of 1e-2; the shifted values are
+exact (Sterbenz) and small.
+
+Loops use 64-bit indices so arrays over 2**31 elements work. Elementwise math is done in
+``acc`` (float32 for float16/float32 input, float64 for float64); the per-channel kernels
+work in float64, which costs nothing at C values.
 """
 
 from __future__ import annotations
@@ -95,10 +99,11 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         bx, by = cuda.blockDim.x, cuda.blockDim.y
         c = cuda.blockIdx.x
+        shift = acc(x[0, c, 0])
         n, mean, m2 = int64(0), acc(0), acc(0)
         for m in range(int64(cuda.blockIdx.y) * by + ty, x.shape[0], int64(cuda.gridDim.y) * by):
             for k in range(tx, x.shape[2], bx):
-                n, mean, m2 = welford_add(n, mean, m2, acc(x[m, c, k]))
+                n, mean, m2 = welford_add(n, mean, m2, acc(x[m, c, k]) - shift)
         tid = ty * bx + tx
         sh_n[tid], sh_mean[tid], sh_m2[tid] = n, mean, m2
         cuda.syncthreads()
@@ -119,10 +124,11 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
         c = int64(cuda.blockIdx.x) * bx + tx
         n, mean, m2 = int64(0), acc(0), acc(0)
         if c < x.shape[1]:
+            shift = acc(x[0, c, 0])
             for m in range(int64(cuda.blockIdx.y) * by + ty, x.shape[0],
                            int64(cuda.gridDim.y) * by):
                 for k in range(x.shape[2]):
-                    n, mean, m2 = welford_add(n, mean, m2, acc(x[m, c, k]))
+                    n, mean, m2 = welford_add(n, mean, m2, acc(x[m, c, k]) - shift)
         tid = ty * bx + tx
         sh_n[tid], sh_mean[tid], sh_m2[tid] = n, mean, m2
         cuda.syncthreads()
@@ -277,14 +283,15 @@ def channel_kernels() -> SimpleNamespace:
     chan_merge = _chan_merge_for(float64)
 
     @cuda.jit
-    def merge_stat_partials(part_n, part_mean, part_m2, mean_out, m2_out):
+    def merge_stat_partials(x, part_n, part_mean, part_m2, mean_out, m2_out):
         c = cuda.grid(1)
         if c < mean_out.shape[0]:
             n, mean, m2 = int64(0), float64(0), float64(0)
             for split in range(part_n.shape[0]):
                 n, mean, m2 = chan_merge(n, mean, m2, part_n[split, c],
                                          float64(part_mean[split, c]), float64(part_m2[split, c]))
-            mean_out[c] = mean
+            shift = float64(x[0, c, 0]) if x.size > 0 else 0.0
+            mean_out[c] = shift + mean
             m2_out[c] = m2
 
     @cuda.jit
