@@ -250,7 +250,7 @@ def use_backend(name: str) -> Iterator[Backend]:
     --------
     >>> import numpy as np, batchnorm as bn
     >>> with bn.use_backend("numpy"):
-    ...     y, mean, invstd = bn.forward(np.ones((4, 2)))
+    ...     y, mean, invstd = bn.forward(np.ones((4, 2), dtype=np.float32))
     >>> mean
     array([1., 1.], dtype=float32)
     """
