@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import re
@@ -348,9 +349,115 @@ class EmulatedCupyBackend(CupyBackend):
         return 2  # few blocks wanted, so small arrays already split and loop over tiles
 
 
-@pytest.fixture
-def emulated(monkeypatch):
-    """An EmulatedCupyBackend whose launches are checked and emulated; records the launches."""
+# -- the real kernels, compiled for the host -------------------------------------------------
+# kernels.cu is plain C++ once the CUDA keywords are defined away: each thread of a block
+# becomes a std::thread, __syncthreads() a barrier, __shared__ a static shared by them (blocks
+# run one after another). The half conversions are PTX, so only float and double run here.
+HOST_SHIM = """
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <functional>
+#include <thread>
+#include <vector>
+struct host_dim3 { unsigned x, y, z; };
+inline thread_local host_dim3 threadIdx, blockIdx, blockDim, gridDim;
+inline std::barrier<>* block_barrier;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+#define __syncthreads() block_barrier->arrive_and_wait()
+#define asm(...) ((void)0)
+using std::max;
+using std::min;
+using std::sqrt;
+"""
+HOST_LAUNCH = """
+inline void host_launch(unsigned gx, unsigned gy, unsigned bx, const std::function<void()>& body) {
+    for (unsigned y = 0; y < gy; ++y) {
+        for (unsigned x = 0; x < gx; ++x) {
+            std::barrier<> sync(bx);
+            block_barrier = &sync;
+            std::vector<std::thread> threads;
+            for (unsigned t = 0; t < bx; ++t) {
+                threads.emplace_back([&, t] {
+                    threadIdx = {t, 0, 0};
+                    blockIdx = {x, y, 0};
+                    blockDim = {bx, 1, 1};
+                    gridDim = {gx, gy, 1};
+                    body();
+                });
+            }
+            for (auto& thread : threads) thread.join();
+        }
+    }
+}
+"""
+HOST_DTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+CTYPES_OF = {"long long": ctypes.c_longlong, "int": ctypes.c_int, "double": ctypes.c_double}
+
+
+def _host_launchers() -> str:
+    """One ``extern "C"`` function per kernel instantiation, taking the grid, then the args."""
+    out = []
+    for data in HOST_DTYPES.values():  # T, A and acc_t<T> are all `data` for float and double
+        for kernel, spec in KERNELS.items():
+            params = []
+            for ctype, name in spec["params"]:
+                ctype = re.sub(r"\bacc_t<T>|\bT\b|\bA\b", data, ctype)
+                params.append(f"{ctype} {name}")
+            names = ", ".join(name for _, name in spec["params"])
+            out.append(
+                f'extern "C" void launch_{kernel}_{data}(unsigned gx, unsigned gy, unsigned bx, '
+                f"{', '.join(params)}) {{\n"
+                f"    host_launch(gx, gy, bx, [&] {{ {kernel}<{data}>({names}); }});\n}}\n"
+            )
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="session")
+def host_kernels(tmp_path_factory):
+    """kernels.cu built as a host shared library (skipped without a C++20 compiler)."""
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler to build the kernels for the host")
+    folder = tmp_path_factory.mktemp("host_kernels")
+    unit = folder / "host_kernels.cpp"
+    unit.write_text(HOST_SHIM + f'#include "{KERNELS_CU}"\n' + HOST_LAUNCH + _host_launchers())
+    library = folder / "host_kernels.so"
+    defines = [o for o in _launch.compile_options() if o.startswith("-D")]
+    result = subprocess.run(
+        [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", *defines,
+         str(unit), "-o", str(library)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if result.returncode and "barrier" in result.stderr and "No such file" in result.stderr:
+        pytest.skip(f"{compiler} has no C++20 <barrier>")
+    assert result.returncode == 0, result.stderr
+    return ctypes.CDLL(str(library))
+
+
+def _run_on_host(library, kernel: str, dtype, grid, block, args) -> None:
+    base = kernel.split("<")[0]
+    function = getattr(library, f"launch_{base}_{HOST_DTYPES[np.dtype(dtype)]}")
+    values = [ctypes.c_uint(n) for n in ((*grid, 1)[:2] + block)]  # (x, y) grid, x block
+    for (ctype, _), value in zip(KERNELS[base]["params"], args):
+        if ctype.endswith("*"):
+            pointer = None if value is None else value.__array_interface__["data"][0]
+            values.append(ctypes.c_void_p(pointer))
+        else:
+            values.append(CTYPES_OF[ctype](value.item()))
+    function(*values)
+
+
+@pytest.fixture(params=["python", "host"])
+def emulated(request, monkeypatch):
+    """An EmulatedCupyBackend whose launches are checked against the C signatures and run by
+    the Python emulation or by the host-compiled kernels; ``.launches`` records them."""
+    engine = request.param
+    library = request.getfixturevalue("host_kernels") if engine == "host" else None
     launches = []
 
     def function(kernel, dtype):
@@ -359,7 +466,13 @@ def emulated(monkeypatch):
             assert block == (_launch.BLOCK_THREADS,) or kernel.endswith("_finish")
             name = _launch.kernel_name(kernel, dtype)
             launches.append(name)
-            _emulate(name, grid, _bind(name, dtype, args))
+            bound = _bind(name, dtype, args)
+            if engine == "python":
+                _emulate(name, grid, bound)
+            elif np.dtype(dtype) in HOST_DTYPES:
+                _run_on_host(library, name, dtype, grid, block, args)
+            else:
+                pytest.skip("the float16 conversions are PTX: no host build")
 
         return launch
 
