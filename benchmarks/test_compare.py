@@ -1,0 +1,57 @@
+"""The regression check: its comparison logic, and that it catches a really slowed kernel."""
+
+from __future__ import annotations
+
+import json
+
+import compare
+import pytest
+
+import batchnorm as bn
+from batchnorm import _bench
+
+
+def test_compare_sorts_ratios_by_tolerance():
+    baseline = {"a": 1.0, "b": 2.0, "c": 3.0, "gone": 1.0}
+    current = {"a": 1.49, "b": 3.02, "c": 1.0, "added": 5.0}
+    verdict = compare.compare(baseline, current, tolerance=0.5)
+    assert verdict == {"regressed": ["b"], "ok": ["a", "c"], "missing": ["gone"], "new": ["added"]}
+
+
+def test_slowed_down_repeats_the_work():
+    calls = []
+    slow = compare.slowed_down(lambda value: calls.append(value) or value, repeat=3)
+    assert slow(7) == 7
+    assert calls == [7, 7, 7]
+
+
+def _fastest_backend() -> str:
+    reasons = _bench.timed_backends()
+    return next(n for n in bn.available_backends() if reasons[n] is None)
+
+
+def test_check_catches_a_slowed_kernel(monkeypatch):
+    # forward-eval is one normalize pass, so doing it three times triples the ratio: far
+    # beyond the tolerance even with the noise of a shared machine.
+    name = _fastest_backend()
+    cases = _bench.all_cases(["nchw-small"], ["forward-eval"])
+    baseline = compare.measure_ratios([name], cases)
+    backend = bn.get_backend(name)
+    monkeypatch.setattr(backend, "normalize", compare.slowed_down(backend.normalize, repeat=3))
+    current, verdict = compare.check(baseline, [name], cases)
+    assert verdict["regressed"] == [compare.key(name, cases[0])], (baseline, current)
+
+
+def test_baseline_matches_the_benchmark_matrix():
+    if not compare.BASELINE.exists():
+        pytest.skip("no benchmarks/baseline.json committed yet")
+    document = json.loads(compare.BASELINE.read_text())
+    names = [info.name for info in bn.backend_info()]
+    known = {compare.key(name, case) for case in _bench.all_cases() for name in names}
+    assert set(document["ratios"]) <= known
+    assert all(ratio > 0 for ratio in document["ratios"].values())
+    assert document["settings"] == {
+        "threads": compare.THREADS,
+        "clock": "cpu",
+        "rounds": compare.ROUNDS,
+    }
