@@ -18,6 +18,7 @@ into DIR (about half a minute on two cores), or add ``--quick`` for a reduced ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 
@@ -389,23 +390,29 @@ def summarize(results, cfg) -> str:
     return "\n".join(lines) + "\n"
 
 
-def numpy_backend_name(requested: str) -> str:
-    """The backend that NumPy arrays go to: the requested one, or the automatic choice."""
-    if requested != "auto":
-        return requested
+def numpy_backend_name() -> str:
+    """The backend NumPy arrays go to under the current selection (context, environment)."""
     probe = np.empty(0, DTYPE)
+    selected = bn.get_backend()  # the selected one, or the first runnable one
+    if selected.accepts(probe):
+        return selected.name
     return next(name for name in bn.available_backends() if bn.get_backend(name).accepts(probe))
 
 
-def run(quick: bool = False, out: Path | None = None, backend: str = "auto"):
-    """Run every experiment; write figures and ``summary.txt`` into ``out`` when given."""
+def run(quick: bool = False, out: Path | None = None, backend: str | None = None):
+    """Run every experiment; write figures and ``summary.txt`` into ``out`` when given.
+
+    ``backend`` names a batchnorm backend; None leaves the choice to ``BATCHNORM_BACKEND``
+    or the automatic selection.
+    """
     cfg = QUICK if quick else FULL
     runs = Runs(load_data(), cfg["epochs"])
     # The matrices are 64 wide: BLAS threads would only add synchronisation (and spin-wait
     # on a busy machine), so the products run single-threaded.
-    with threadpool_limits(limits=1, user_api="blas"), bn.use_backend(backend):
+    selection = contextlib.nullcontext() if backend is None else bn.use_backend(backend)
+    with threadpool_limits(limits=1, user_api="blas"), selection:
         results = {
-            "backend": numpy_backend_name(backend),
+            "backend": numpy_backend_name(),
             "convergence": run_convergence(runs, cfg),
             "learning_rates": run_sweep(
                 cfg,
@@ -438,7 +445,9 @@ def main(argv=None):
         default=Path("train_digits_output"),
         help="folder for the figures and summary.txt",
     )
-    parser.add_argument("--backend", default="auto", help="batchnorm backend name")
+    parser.add_argument(
+        "--backend", help="batchnorm backend (default: BATCHNORM_BACKEND or automatic)"
+    )
     args = parser.parse_args(argv)
     started = time.perf_counter()
     results = run(args.quick, args.out, args.backend)
