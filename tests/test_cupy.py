@@ -600,6 +600,34 @@ def test_emulated_empty_arrays_launch_nothing(emulated):
     assert emulated.launches == []
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape, axis", [((4, 3, 6, 5), 1), ((64, 5, 7), -1)])
+def test_emulated_public_api_matches_reference(emulated, monkeypatch, dtype, shape, axis):
+    """forward (train and eval, running stats) and backward (train and eval) end to end."""
+    import batchnorm._api as api
+
+    select = api.select_backend
+    monkeypatch.setattr(
+        api, "select_backend", lambda name, x: emulated if name == "cupy" else select(name, x)
+    )
+    rng = np.random.default_rng(3)
+    c, param = shape[axis], np.float32 if dtype == np.float16 else dtype
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    w, b = rng.uniform(0.5, 1.5, c).astype(param), rng.standard_normal(c).astype(param)
+    results = {}
+    for name in ("cupy", "numpy"):
+        rm, rv = np.zeros(c, param), np.ones(c, param)
+        train = bn.forward(x, w, b, rm, rv, axis=axis, backend=name)
+        evaluate = bn.forward(x, w, b, rm, rv, training=False, axis=axis, backend=name)
+        grads = bn.backward(dy, x, w, *train[1:], axis=axis, backend=name)
+        eval_grads = bn.backward(dy, x, w, *evaluate[1:], training=False, axis=axis, backend=name)
+        results[name] = (*train, rm, rv, *evaluate, *grads, *eval_grads)
+    for got, want in zip(results["cupy"], results["numpy"], strict=True):
+        assert got.dtype == want.dtype
+        assert_close(got, want, dtype)
+
+
 # -- availability, acceptance and dispatch ---------------------------------------------------
 def _run_python(code: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
