@@ -193,6 +193,18 @@ class CudaBackend(Backend):
                           x3, part_n, part_mean, part_m2, mean, m2)
         return mean, m2
 
+    def forward_train(self, x3, weight, bias, eps: float, out3, stat_dtype):
+        # Three launches: partial statistics, their merge with the finishing step, normalize.
+        acc = _acc_dtype(x3.dtype)
+        parts = self._reduce("stats", x3, (np.int64, acc, acc), x3)
+        channels = x3.shape[1]
+        mean, var, invstd = (self.empty((channels,), stat_dtype, x3) for _ in range(3))
+        self._per_channel(self._channel_kernels().merge_and_finish_stats, x3, channels,
+                          x3, *parts, float(x3.shape[0] * x3.shape[2]), float(eps),
+                          mean, var, invstd)
+        self.normalize(x3, mean, invstd, weight, bias, out3)
+        return mean, var, invstd
+
     def grad_sums(self, dy3, x3, mean):
         acc = _acc_dtype(x3.dtype)
         part_dy, part_dy_xmu = self._reduce("grad_sums", x3, (acc, acc), dy3, x3, mean)

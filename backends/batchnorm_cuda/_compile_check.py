@@ -58,6 +58,8 @@ def signatures() -> list[tuple[str, str, tuple]]:
             ("update_running_stats", name, (vec, vec, stat_vec, stat_vec, f64, f64)),
             ("copy_strided", name, (_array(dtype, 8), _array(dtype, 8))),
             ("merge_stat_partials", name, (x3, part_n, part, part, vec64, vec64)),
+            ("merge_and_finish_stats", name,
+             (x3, part_n, part, part, f64, f64, stat_vec, stat_vec, stat_vec)),
         ]
     for name in ("float32", "float64"):
         part = _array(FLOATS[name], 2)

@@ -282,17 +282,32 @@ def channel_kernels() -> SimpleNamespace:
     """One-thread-per-channel kernels (float64 arithmetic) and the strided copy."""
     chan_merge = _chan_merge_for(float64)
 
+    @cuda.jit(device=True)
+    def merged_stats(x, part_n, part_mean, part_m2, c):
+        n, mean, m2 = int64(0), float64(0), float64(0)
+        for split in range(part_n.shape[0]):
+            n, mean, m2 = chan_merge(n, mean, m2, part_n[split, c], float64(part_mean[split, c]),
+                                     float64(part_m2[split, c]))
+        shift = float64(x[0, c, 0]) if x.size > 0 else 0.0
+        return shift + mean, m2
+
     @cuda.jit
     def merge_stat_partials(x, part_n, part_mean, part_m2, mean_out, m2_out):
         c = cuda.grid(1)
         if c < mean_out.shape[0]:
-            n, mean, m2 = int64(0), float64(0), float64(0)
-            for split in range(part_n.shape[0]):
-                n, mean, m2 = chan_merge(n, mean, m2, part_n[split, c],
-                                         float64(part_mean[split, c]), float64(part_m2[split, c]))
-            shift = float64(x[0, c, 0]) if x.size > 0 else 0.0
-            mean_out[c] = shift + mean
-            m2_out[c] = m2
+            mean_out[c], m2_out[c] = merged_stats(x, part_n, part_mean, part_m2, c)
+
+    # merge_stat_partials and finish_stats in one launch, for forward_train
+    @cuda.jit
+    def merge_and_finish_stats(x, part_n, part_mean, part_m2, count, eps, mean_out, var_out,
+                               invstd_out):
+        c = cuda.grid(1)
+        if c < mean_out.shape[0]:
+            mean, m2 = merged_stats(x, part_n, part_mean, part_m2, c)
+            var = max(m2 / count, 0.0)
+            mean_out[c] = mean
+            var_out[c] = var
+            invstd_out[c] = 1.0 / math.sqrt(var + eps)
 
     @cuda.jit
     def sum_partials(part_a, part_b, out_a, out_b):
@@ -347,6 +362,7 @@ def channel_kernels() -> SimpleNamespace:
 
     return SimpleNamespace(
         merge_stat_partials=merge_stat_partials,
+        merge_and_finish_stats=merge_and_finish_stats,
         sum_partials=sum_partials,
         finish_stats=finish_stats,
         param_grads=param_grads,
