@@ -144,7 +144,9 @@ def test_kernels_compile_with_nvrtc(dtype, arch):
         names = _launch.name_expressions(dtype)
         for name in names:
             nvrtc.addNameExpression(program, name)
+        # cupy.RawModule adds the architecture and --device-as-default-execution-space.
         options = [*_launch.compile_options(), f"-arch=sm_{arch}"]
+        options.append("--device-as-default-execution-space")
         try:
             nvrtc.compileProgram(program, options)
         except nvrtc.NVRTCError as exc:
