@@ -93,40 +93,58 @@ def _compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
 
 
-def _computable(a3: np.ndarray) -> np.ndarray:
-    """float16 becomes a float32 copy: Numba computes in float32, not in float16."""
-    return a3.astype(np.float32) if a3.dtype == np.float16 else a3
-
-
-def _channels_last(shape3: tuple[int, int, int]) -> bool:
-    return shape3[2] == 1 and shape3[1] > 1
-
-
 def _kernel_view(a3: np.ndarray) -> np.ndarray:
-    """The array a kernel takes: ``(M, C)`` channels-last, ``(M, C, L)`` channels-first.
+    """The view a kernel takes: ``(M, C)`` channels-last, ``(M, C, L)`` channels-first.
 
     One channel with ``L == 1`` becomes ``(1, 1, M)``: one long row, not M rows of one.
     """
     M, C, L = a3.shape
-    if _channels_last(a3.shape):
+    if L == 1 and C > 1:
         return a3[:, :, 0]
     if L == 1:
         return np.lib.stride_tricks.as_strided(a3, (1, C, M), (0, a3.strides[1], a3.strides[0]))
     return a3
 
 
+def _input(a3: np.ndarray) -> np.ndarray:
+    """Kernel view of an input, copied if it is float16 or not C-contiguous.
+
+    Numba has no float16 arithmetic on the CPU, and other strides would each compile (and
+    run unvectorised) kernels of their own: one copy is cheaper.
+    """
+    return np.ascontiguousarray(_kernel_view(a3), dtype=_compute_dtype(a3.dtype))
+
+
 @contextlib.contextmanager
 def _output(out3: np.ndarray) -> Iterator[np.ndarray]:
-    """Where a kernel writes ``out3``: itself, or a float32 buffer copied into float16."""
-    if out3.dtype != np.float16:
-        yield out3
+    """Where a kernel writes ``out3``: its kernel view, or a buffer copied into it after."""
+    view = _kernel_view(out3)
+    if view.dtype == _compute_dtype(view.dtype) and view.flags.c_contiguous:
+        yield view
         return
-    buffer = np.empty(out3.shape, dtype=np.float32)
+    buffer = np.empty(view.shape, dtype=_compute_dtype(view.dtype))
     yield buffer
-    out3[...] = buffer
+    view[...] = buffer
 
 
-def _channel_vector(v: Any, fill: float, channels: int, dtype: np.dtype) -> np.ndarray:
+def _tiling(x: np.ndarray) -> tuple[int, ...]:
+    """The tile-size arguments of the kernels of x's layout."""
+    if x.ndim == 2:
+        return config.TILE_ELEMENTS, config.COLUMN_BLOCK, config.MIN_ROWS_PER_TILE
+    return (config.TILE_ELEMENTS,)
+
+
+def _resident(x: np.ndarray, arrays: int) -> bool:
+    """Whether a fused pass runs one task per channel: a channel of ``arrays`` inputs in L2."""
+    if x.ndim == 2 or not _is_parallel(x.size):
+        return False
+    M, C, L = x.shape
+    channel_bytes = arrays * M * L * x.itemsize
+    return C >= config.RESIDENT_MIN_CHANNELS and channel_bytes <= config.RESIDENT_BYTES
+
+
+def _vector(v: Any, fill: float, channels: int, dtype: Any = np.float64) -> np.ndarray:
+    """A per-channel argument as a contiguous array (``fill`` for None)."""
     if v is None:
         return np.full(channels, fill, dtype=dtype)
     return np.ascontiguousarray(v, dtype=dtype)
@@ -158,104 +176,73 @@ class NumbaBackend(Backend):
 
     # -- phase 1 ---------------------------------------------------------------------------
     def channel_stats(self, x3):
-        x = _kernel_view(_computable(x3))
+        x = _input(x3)
         parallel = _is_parallel(x.size)
+        kernel = kernels.cols_channel_stats if x.ndim == 2 else kernels.rows_channel_stats
         with _launch(parallel):
-            if x.ndim == 2:
-                return kernels.cols_channel_stats(x, config.TILE_ELEMENTS, config.COLUMN_BLOCK,
-                                                  config.MIN_ROWS_PER_TILE, parallel)
-            return kernels.rows_channel_stats(x, config.TILE_ELEMENTS, parallel)
+            return kernel(x, *_tiling(x), parallel)
 
     def grad_sums(self, dy3, x3, mean):
-        x, dy = _kernel_view(_computable(x3)), _kernel_view(_computable(dy3))
-        mean64 = _channel_vector(mean, 0.0, x3.shape[1], np.dtype(np.float64))
+        x, dy = _input(x3), _input(dy3)
+        mean64 = _vector(mean, 0.0, x3.shape[1])
         parallel = _is_parallel(x.size)
+        kernel = kernels.cols_grad_sums if x.ndim == 2 else kernels.rows_grad_sums
         with _launch(parallel):
-            if x.ndim == 2:
-                return kernels.cols_grad_sums(dy, x, mean64, config.TILE_ELEMENTS,
-                                              config.COLUMN_BLOCK, config.MIN_ROWS_PER_TILE,
-                                              parallel)
-            return kernels.rows_grad_sums(dy, x, mean64, config.TILE_ELEMENTS, parallel)
+            return kernel(dy, x, mean64, *_tiling(x), parallel)
 
     # -- phase 2 ---------------------------------------------------------------------------
     def normalize(self, x3, mean, invstd, weight, bias, out3):
         channels = x3.shape[1]
         ct = _compute_dtype(x3.dtype)
-        shift = _channel_vector(mean, 0.0, channels, ct)
-        scale = (np.asarray(invstd, dtype=np.float64)
-                 * _channel_vector(weight, 1.0, channels, np.dtype(np.float64))).astype(ct)
-        offset = _channel_vector(bias, 0.0, channels, ct)
-        x = _kernel_view(_computable(x3))
+        shift = _vector(mean, 0.0, channels, ct)
+        scale = (_vector(invstd, 1.0, channels) * _vector(weight, 1.0, channels)).astype(ct)
+        offset = _vector(bias, 0.0, channels, ct)
+        x = _input(x3)
         parallel = _is_parallel(x.size)
-        with _output(out3) as target, _launch(parallel):
-            out = _kernel_view(target)
-            if x.ndim == 2:
-                kernels.cols_normalize(x, shift, scale, offset, out, config.TILE_ELEMENTS,
-                                       config.COLUMN_BLOCK, config.MIN_ROWS_PER_TILE, parallel)
-            else:
-                kernels.rows_normalize(x, shift, scale, offset, out, config.TILE_ELEMENTS,
-                                       parallel)
+        kernel = kernels.cols_normalize if x.ndim == 2 else kernels.rows_normalize
+        with _output(out3) as out, _launch(parallel):
+            kernel(x, shift, scale, offset, out, *_tiling(x), parallel)
 
     def input_grad(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3):
         channels = x3.shape[1]
         n = x3.shape[0] * x3.shape[2]
-        invstd64 = np.asarray(invstd, dtype=np.float64)
+        invstd64 = _vector(invstd, 1.0, channels)
+        # The rows are those of kernels.grad_coefficients, the fused kernel's version.
         coefs = np.stack([
-            _channel_vector(mean, 0.0, channels, np.dtype(np.float64)),
-            np.asarray(sum_dy, dtype=np.float64) / n,
-            invstd64 * invstd64 * np.asarray(sum_dy_xmu, dtype=np.float64) / n,
-            _channel_vector(weight, 1.0, channels, np.dtype(np.float64)) * invstd64,
+            _vector(mean, 0.0, channels),
+            _vector(sum_dy, 0.0, channels) / n,
+            invstd64 * invstd64 * _vector(sum_dy_xmu, 0.0, channels) / n,
+            _vector(weight, 1.0, channels) * invstd64,
         ]).astype(_compute_dtype(x3.dtype))
-        x, dy = _kernel_view(_computable(x3)), _kernel_view(_computable(dy3))
+        x, dy = _input(x3), _input(dy3)
         parallel = _is_parallel(x.size)
-        with _output(out3) as target, _launch(parallel):
-            out = _kernel_view(target)
-            if x.ndim == 2:
-                kernels.cols_input_grad(dy, x, coefs, out, config.TILE_ELEMENTS,
-                                        config.COLUMN_BLOCK, config.MIN_ROWS_PER_TILE, parallel)
-            else:
-                kernels.rows_input_grad(dy, x, coefs, out, config.TILE_ELEMENTS, parallel)
+        kernel = kernels.cols_input_grad if x.ndim == 2 else kernels.rows_input_grad
+        with _output(out3) as out, _launch(parallel):
+            kernel(dy, x, coefs, out, *_tiling(x), parallel)
 
-    # -- fused ---------------------------------------------------------------------------------
+    # -- fused: one channel per task when a channel fits in L2 ----------------------------------
     def forward_train(self, x3, weight, bias, eps, out3, stat_dtype):
+        x = _input(x3)
+        if not _resident(x, arrays=1):
+            return super().forward_train(x3, weight, bias, eps, out3, stat_dtype)
         channels = x3.shape[1]
         mean, var, invstd = (np.empty(channels, dtype=stat_dtype) for _ in range(3))
-        weight64 = _channel_vector(weight, 1.0, channels, np.dtype(np.float64))
-        offset = _channel_vector(bias, 0.0, channels, _compute_dtype(x3.dtype))
-        x = _kernel_view(_computable(x3))
-        parallel = _is_parallel(x.size)
-        with _output(out3) as target, _launch(parallel):
-            out = _kernel_view(target)
-            if x.ndim == 2:
-                kernels.cols_forward_train(x, weight64, offset, eps, out, mean, var, invstd,
-                                           config.TILE_ELEMENTS, config.COLUMN_BLOCK,
-                                           config.MIN_ROWS_PER_TILE, parallel)
-            else:
-                resident = self._resident(x, arrays=1)
-                kernels.rows_forward_train(x, weight64, offset, eps, out, mean, var, invstd,
-                                           config.TILE_ELEMENTS, parallel, resident)
+        weight64 = _vector(weight, 1.0, channels)
+        offset = _vector(bias, 0.0, channels, _compute_dtype(x3.dtype))
+        with _output(out3) as out, _launch(True):
+            kernels.rows_forward_train(x, weight64, offset, eps, out, mean, var, invstd,
+                                       config.TILE_ELEMENTS)
         return mean, var, invstd
 
     def backward_train(self, dy3, x3, mean, invstd, weight, out3):
+        x = _input(x3)
+        if not _resident(x, arrays=2):
+            return super().backward_train(dy3, x3, mean, invstd, weight, out3)
         channels = x3.shape[1]
-        mean64 = _channel_vector(mean, 0.0, channels, np.dtype(np.float64))
-        invstd64 = np.ascontiguousarray(invstd, dtype=np.float64)
-        weight64 = _channel_vector(weight, 1.0, channels, np.dtype(np.float64))
-        x, dy = _kernel_view(_computable(x3)), _kernel_view(_computable(dy3))
-        parallel = _is_parallel(x.size)
-        with _output(out3) as target, _launch(parallel):
-            out = _kernel_view(target)
-            if x.ndim == 2:
-                return kernels.cols_backward_train(dy, x, mean64, invstd64, weight64, out,
-                                                   config.TILE_ELEMENTS, config.COLUMN_BLOCK,
-                                                   config.MIN_ROWS_PER_TILE, parallel)
-            resident = self._resident(x, arrays=2)
+        mean64 = _vector(mean, 0.0, channels)
+        invstd64 = _vector(invstd, 1.0, channels)
+        weight64 = _vector(weight, 1.0, channels)
+        dy = _input(dy3)
+        with _output(out3) as out, _launch(True):
             return kernels.rows_backward_train(dy, x, mean64, invstd64, weight64, out,
-                                               config.TILE_ELEMENTS, parallel, resident)
-
-    @staticmethod
-    def _resident(x3: np.ndarray, arrays: int) -> bool:
-        """Whether fused passes go one channel per task (its data of ``arrays`` inputs in L2)."""
-        M, C, L = x3.shape
-        return (C >= config.RESIDENT_MIN_CHANNELS
-                and arrays * M * L * x3.itemsize <= config.RESIDENT_BYTES)
+                                               config.TILE_ELEMENTS)

@@ -10,9 +10,12 @@ threads, and partials are merged serially in tile order, so results are bit-iden
 any ``NUMBA_NUM_THREADS``. Each tile's mean and M2 are exact two-pass sums in float64
 (the second pass reads the tile from cache); tiles are merged with Chan's formula.
 
-Every kernel takes ``parallel``: False runs the same tiles in a plain loop, without a
-parallel launch (small inputs, forked children of a GNU OpenMP process). Per-channel
-vectors reach the kernels as float64 (``*64``) or in the compute dtype of ``out``.
+Arrays reach the kernels C-contiguous, in float32 or float64 (the caller copies other
+strides and float16), so each kernel compiles for two signatures only. Per-channel vectors
+are float64 (``*64``) or in the dtype of ``out``. Kernels with a ``parallel`` argument run
+the same tiles in a plain loop when it is False (small inputs, forked children of a GNU
+OpenMP process); ``rows_forward_train``/``rows_backward_train`` run one task per channel,
+for channels that fit in L2, so their second pass reads from cache.
 """
 
 import numpy as np
@@ -23,7 +26,11 @@ from numba import njit, prange
 _OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy",
             "fastmath": {"reassoc", "contract"}}
 _helper = njit(**_OPTIONS)
-_kernel = njit(parallel=True, **_OPTIONS)
+# Only prange loops run in parallel: array expressions (np.zeros) in a parallel kernel would
+# each be a parallel launch of their own, costly for tiny arrays and in the serial branch.
+_PARALLEL = {"prange": True, "comprehension": False, "reduction": False, "numpy": False,
+             "stencil": False, "fusion": False, "setitem": False, "inplace_binop": False}
+_kernel = njit(parallel=_PARALLEL, **_OPTIONS)
 
 
 @_helper
@@ -203,22 +210,14 @@ def row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset
 
 
 @_kernel
-def rows_forward_train(x3, weight64, offset, eps, out3, mean_out, var_out, invstd_out,
-                       tile, parallel, resident):
-    """Fused statistics and normalize. ``resident``: one task per channel (channel in L2)."""
+def rows_forward_train(x3, weight64, offset, eps, out3, mean_out, var_out, invstd_out, tile):
+    """Fused statistics and normalize, one task per channel (for channels that fit in L2)."""
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
     scale = np.empty(C, dtype=out3.dtype)
-    if resident and parallel:
-        for c in prange(C):
-            row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset,
-                                out3, mean_out, var_out, invstd_out, scale)
-        return
-    mean, m2 = rows_channel_stats(x3, tile, parallel)
-    for c in range(C):
-        finish_channel(c, M * L, mean[c], m2[c], eps, weight64, mean_out, var_out,
-                       invstd_out, scale)
-    rows_normalize(x3, mean_out, scale, offset, out3, tile, parallel)
+    for c in prange(C):
+        row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset,
+                            out3, mean_out, var_out, invstd_out, scale)
 
 
 @_helper
@@ -299,23 +298,16 @@ def row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd6
 
 
 @_kernel
-def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile, parallel, resident):
-    """Fused gradient sums and dx; returns ``(sum_dy, sum_dy_xmu)`` in float64."""
+def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile):
+    """Fused gradient sums and dx, one task per channel; returns float64 sums."""
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
     coefs = np.empty((4, C), dtype=out3.dtype)
-    if resident and parallel:
-        sum_dy = np.zeros(C)
-        sum_dy_xmu = np.zeros(C)
-        for c in prange(C):
-            row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd64,
-                                 weight64, coefs, out3, sum_dy, sum_dy_xmu)
-        return sum_dy, sum_dy_xmu
-    sum_dy, sum_dy_xmu = rows_grad_sums(dy3, x3, mean64, tile, parallel)
-    for c in range(C):
-        grad_coefficients(c, M * L, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64,
-                          coefs)
-    rows_input_grad(dy3, x3, coefs, out3, tile, parallel)
+    sum_dy = np.zeros(C)
+    sum_dy_xmu = np.zeros(C)
+    for c in prange(C):
+        row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd64,
+                             weight64, coefs, out3, sum_dy, sum_dy_xmu)
     return sum_dy, sum_dy_xmu
 
 
@@ -377,8 +369,10 @@ def cols_channel_stats(x2, tile, column_block, min_rows, parallel):
             col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
     if row_blocks == 0:
         return np.full(C, np.nan), np.zeros(C)
-    mean = means[0].copy()
-    m2 = m2s[0].copy()
+    mean = np.empty(C)
+    m2 = np.empty(C)
+    mean[:] = means[0]
+    m2[:] = m2s[0]
     n = np.float64(min(rows, M))
     for block in range(1, row_blocks):
         n_b = np.float64(min(rows, M - block * rows))
@@ -408,18 +402,6 @@ def cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows,
     else:
         for t in range(row_blocks * col_blocks):
             col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
-
-
-@_kernel
-def cols_forward_train(x2, weight64, offset, eps, out2, mean_out, var_out, invstd_out,
-                       tile, column_block, min_rows, parallel):
-    M, C = x2.shape
-    mean, m2 = cols_channel_stats(x2, tile, column_block, min_rows, parallel)
-    scale = np.empty(C, dtype=out2.dtype)
-    for c in range(C):
-        finish_channel(c, M, mean[c], m2[c], eps, weight64, mean_out, var_out, invstd_out,
-                       scale)
-    cols_normalize(x2, mean_out, scale, offset, out2, tile, column_block, min_rows, parallel)
 
 
 @_helper
@@ -479,15 +461,3 @@ def cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, parallel
     else:
         for t in range(row_blocks * col_blocks):
             col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2)
-
-
-@_kernel
-def cols_backward_train(dy2, x2, mean64, invstd64, weight64, out2, tile, column_block,
-                        min_rows, parallel):
-    M, C = x2.shape
-    sum_dy, sum_dy_xmu = cols_grad_sums(dy2, x2, mean64, tile, column_block, min_rows, parallel)
-    coefs = np.empty((4, C), dtype=out2.dtype)
-    for c in range(C):
-        grad_coefficients(c, M, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64, coefs)
-    cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, parallel)
-    return sum_dy, sum_dy_xmu
