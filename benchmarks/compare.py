@@ -46,7 +46,6 @@ TOLERANCE = 0.5
 THREADS = 1
 ROUNDS = 7
 RETRIES = 2
-CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
 def key(backend: str, case: _bench.Case) -> str:
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--retries", type=int, default=RETRIES)
     parser.add_argument("--threads", type=int, default=THREADS, help="Numba and torch threads")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="cpu")
+    parser.add_argument("--clock", choices=list(_bench.CLOCKS), default="cpu")
     parser.add_argument("--backend", action="append", help="default: all timeable but numpy")
     parser.add_argument("--shape", action="append", choices=list(_bench.SHAPES))
     parser.add_argument("--operation", action="append", choices=_bench.OPERATIONS)
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         setattr(backend, method, slowed_down(getattr(backend, method)))
     cases = _bench.all_cases(args.shape or _bench.SHAPES, args.operation or _bench.OPERATIONS)
     print(f"measuring {', '.join(backends)} on {len(cases)} cases", file=sys.stderr)
-    clock, progress = CLOCKS[args.clock], _bench.progress_bar(True)
+    clock, progress = _bench.CLOCKS[args.clock], _bench.progress_bar(True)
 
     if args.update:
         ratios = measure_ratios(backends, cases, args.rounds, clock, progress)

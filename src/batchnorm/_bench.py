@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -37,6 +38,9 @@ OPERATIONS = ("forward-train", "forward-eval", "backward-train", "running-stats"
 EXTRA_DTYPES_SHAPE = "nchw"
 REFERENCE = "numpy"
 CPU_COPIES = ("copy-numpy", "copy-torch")
+#: Clocks a measurement can use: wall time, or CPU time of the whole process (which does not
+#: count the time other programs hold the cores, but adds up the time of all threads).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 EPS = 1e-5
 MOMENTUM = 0.1
 
@@ -273,51 +277,31 @@ def _with_sync(call: Callable[[], object], sync: Callable[[], None] | None) -> R
 
 
 def _backend_runner(name: str, case: Case, data: _Data) -> Runner:
-    reason = timed_backends().get(name, f"unknown backend {name!r}")
+    reason = simulated_reason(name)
     if reason:
         raise Unsupported(f"backend {name!r}: {reason}")
-    be = bn.get_backend(name)
+    try:
+        be = bn.get_backend(name)
+    except (ValueError, RuntimeError) as exc:
+        raise Unsupported(str(exc)) from exc
     x, dy = be.from_host(data.x), be.from_host(data.dy)
     w, b = be.from_host(data.weight), be.from_host(data.bias)
     rm, rv = be.from_host(data.running_mean.copy()), be.from_host(data.running_var.copy())
     mean, invstd = be.from_host(data.mean), be.from_host(data.invstd)
     batch_var = be.from_host(data.batch_var)
     out = be.to_user(be.empty_like(be.as_native(x)), x)
-    op, axis = case.operation, case.axis
-    if op == "forward-train":
-
-        def call():
-            return bn.forward(
-                x,
-                w,
-                b,
-                rm,
-                rv,
-                training=True,
-                momentum=MOMENTUM,
-                eps=EPS,
-                axis=axis,
-                backend=name,
-                out=out,
-            )
-    elif op == "forward-eval":
-
-        def call():
-            return bn.forward(
-                x, w, b, rm, rv, training=False, eps=EPS, axis=axis, backend=name, out=out
-            )
-    elif op == "backward-train":
-
-        def call():
-            return bn.backward(
-                dy, x, w, mean, invstd, training=True, axis=axis, backend=name, out=out
-            )
-    else:
-
-        def call():
-            bn.update_running_stats(rm, rv, mean, batch_var, case.count, MOMENTUM, backend=name)
-
-    return _with_sync(call, _synchronizer(be.as_native(x)))
+    common = {"axis": case.axis, "backend": name, "out": out}
+    calls = {
+        "forward-train": partial(
+            bn.forward, x, w, b, rm, rv, momentum=MOMENTUM, eps=EPS, **common
+        ),
+        "forward-eval": partial(bn.forward, x, w, b, rm, rv, training=False, eps=EPS, **common),
+        "backward-train": partial(bn.backward, dy, x, w, mean, invstd, **common),
+        "running-stats": partial(
+            bn.update_running_stats, rm, rv, mean, batch_var, case.count, MOMENTUM, backend=name
+        ),
+    }
+    return _with_sync(calls[case.operation], _synchronizer(be.as_native(x)))
 
 
 def _device_copy(name: str, case: Case, data: _Data) -> Runner:
@@ -551,6 +535,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="backend to time (repeatable; default: every available one)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (best is kept)")
+    parser.add_argument(
+        "--threads", type=int, help="Numba (and PyTorch) threads (default: Numba's setting)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=list(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (steadier on a busy machine, single thread)",
+    )
     parser.add_argument("--plot", metavar="PNG", help="also write a bar chart (matplotlib)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -609,30 +602,41 @@ def format_table(results: dict[Case, dict[str, Figures]]) -> str:
 
 
 def plot(results: dict[Case, dict[str, Figures]], backends: list[str], path: str) -> None:
-    """Bar chart of each backend's speedup (over PyTorch if timed, else the reference)."""
+    """Bar chart of each backend's speedup per shape, one panel per operation.
+
+    The speedup is over PyTorch where it was timed, else over the NumPy reference.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     use_torch = any(f.speedup_vs_torch for by in results.values() for f in by.values())
-    labels = [f"{c.operation}\n{c.shape_label}" for c in results]
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels)), 4.5), layout="constrained")
+    attribute = "speedup_vs_torch" if use_torch else "speedup_vs_reference"
+    operations = list(dict.fromkeys(case.operation for case in results))
+    shapes = list(dict.fromkeys(case.shape_label for case in results))
+    by_key = {(case.operation, case.shape_label): by for case, by in results.items()}
+    fig, axes = plt.subplots(
+        len(operations),
+        1,
+        figsize=(max(6, 1.5 * len(shapes) + 2), 2.4 * len(operations)),
+        squeeze=False,
+        sharex=True,
+        layout="constrained",
+    )
     width = 0.8 / max(1, len(backends))
-    for i, name in enumerate(backends):
-        values = [
-            getattr(
-                by.get(name), "speedup_vs_torch" if use_torch else "speedup_vs_reference", None
-            )
-            or np.nan
-            for by in results.values()
-        ]
-        ax.bar(np.arange(len(labels)) + i * width, values, width, label=name)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks(np.arange(len(labels)) + width * (len(backends) - 1) / 2, labels, fontsize=8)
-    ax.set_yscale("log")
-    ax.set_ylabel(f"speedup over {'PyTorch' if use_torch else 'the NumPy reference'}")
-    ax.legend()
+    positions = np.arange(len(shapes))
+    for ax, operation in zip(axes[:, 0], operations):
+        for i, name in enumerate(backends):
+            figs = [by_key.get((operation, shape), {}).get(name) for shape in shapes]
+            values = [getattr(f, attribute) or np.nan if f else np.nan for f in figs]
+            ax.bar(positions + i * width, values, width, label=name)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_title(operation, fontsize=10)
+        ax.set_ylabel(f"speedup over\n{'PyTorch' if use_torch else 'reference'}")
+    axes[-1, 0].set_xticks(positions + width * (len(backends) - 1) / 2, shapes, fontsize=8)
+    axes[0, 0].legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -651,10 +655,13 @@ def run_bench(args: argparse.Namespace) -> int:
         for dims, axis in shapes
         for op in (args.operation or OPERATIONS)
     ]
+    if args.threads:
+        from numba import set_num_threads
+
+        set_num_threads(args.threads)
     subjects = backends + peer_subjects(backends)
-    results, skipped = measure(
-        cases, subjects, rounds=args.rounds, progress=progress_bar(not args.no_progress)
-    )
+    progress = progress_bar(not args.no_progress)
+    results, skipped = measure(cases, subjects, args.rounds, progress, CLOCKS[args.clock])
     print(format_table(results))
     print(
         "\nx copy: time / best copy of the array on the same device (lower is better); "
