@@ -56,7 +56,23 @@ def max_error(actual, expected, dtype) -> float:
 
 
 def assert_close(actual, expected, dtype, what: str = "result") -> None:
-    """Assert ``actual`` matches ``expected`` within the tolerance for ``dtype``."""
+    """Assert ``actual`` matches ``expected`` within the tolerance for ``dtype``.
+
+    Raises
+    ------
+    AssertionError
+        When :func:`max_error` exceeds 1; the message gives the error in tolerance units.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from batchnorm.testing import assert_close
+    >>> assert_close(np.float32([1.00001]), np.float64([1.0]), "float32")
+    >>> assert_close(np.float32([1.01]), np.float64([1.0]), "float32")
+    Traceback (most recent call last):
+    ...
+    AssertionError: result: max error 90.9 x tolerance {'rtol': 0.0001, 'atol': 1e-05} for float32
+    """
     err = max_error(actual, expected, dtype)
     if not err <= 1.0:
         raise AssertionError(
