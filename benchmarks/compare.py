@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/compare.py             # measure and compare with benchmarks/baseline.json
-    python benchmarks/compare.py --update    # measure and write the baseline
+    python benchmarks/compare.py --update    # measure (best of 3 runs) and write the baseline
     python benchmarks/compare.py --inject-slowdown numba.normalize   # watch the check fail
 
 Only ratios are compared: a backend's best time divided by the best time of a plain copy of
@@ -187,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     clock, progress = _bench.CLOCKS[args.clock], _bench.progress_bar(True)
 
     if args.update:
+        # The best of as many measurements as a suspected regression gets in check().
         ratios = measure_ratios(backends, cases, args.rounds, clock, progress)
+        for _ in range(args.retries):
+            again = measure_ratios(backends, cases, args.rounds, clock, progress)
+            ratios = {name: min(ratio, again[name]) for name, ratio in ratios.items()}
         document = {"settings": _settings(args), "machine": _machine(), "ratios": ratios}
         args.baseline.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
         print(f"wrote {len(ratios)} ratios to {args.baseline}")
