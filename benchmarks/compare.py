@@ -192,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.retries):
             again = measure_ratios(backends, cases, args.rounds, clock, progress)
             ratios = {name: min(ratio, again[name]) for name, ratio in ratios.items()}
+        ratios = {name: round(ratio, 3) for name, ratio in ratios.items()}
         document = {"settings": _settings(args), "machine": _machine(), "ratios": ratios}
         args.baseline.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
         print(f"wrote {len(ratios)} ratios to {args.baseline}")

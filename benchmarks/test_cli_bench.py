@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 
-from batchnorm import _bench
+from batchnorm.__main__ import main
 
 
 def _run(argv, capsys):
-    parser = argparse.ArgumentParser()
-    _bench.add_bench_arguments(parser)
-    status = _bench.run_bench(parser.parse_args(argv))
+    status = main(["bench", *argv])
     return status, capsys.readouterr().out
 
 
