@@ -1,0 +1,233 @@
+"""Tests specific to the ``numba`` backend: its parallel paths, determinism, fork and threads.
+
+The shared conformance suite checks the results on small and oddly strided inputs; these
+take the parallel paths (shapes above the serial threshold, both layouts, one channel per
+task or tiles merged across tasks) and the process/thread situations of the issue.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numpy as np
+import pytest
+
+import batchnorm as bn
+from batchnorm.testing import assert_close
+
+batchnorm_numba = pytest.importorskip("batchnorm_numba")
+from batchnorm_numba import _config  # noqa: E402
+
+pytestmark = pytest.mark.skipif("numba" not in bn.available_backends(),
+                                reason="the numba backend is not available")
+
+# (shape, axis, path): big enough for the parallel kernels, both layouts, C = 1, 3, 1024.
+PARALLEL_CASES = [
+    ((4, 1, 70_000), 1, "channels-first, C=1, rows split in chunks"),
+    ((16, 3, 48, 48), 1, "channels-first, C=3, tiles merged across tasks"),
+    ((8, 1024, 40), 1, "channels-first, C=1024, one channel per task"),
+    ((40, 64, 56), 1, "channels-first, C=64, one channel per task"),
+    ((70_000, 1), 1, "one channel, L=1: one long row"),
+    ((20_000, 3), 1, "channels-last, C=3"),
+    ((96, 1024), -1, "channels-last, C=1024"),
+    ((12, 30, 30, 64), -1, "channels-last NHWC, C=64"),
+    ((60, 5000), 1, "channels-last, C=5000: several column blocks"),
+]
+
+
+def _data(shape, dtype, seed=0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * 2.0 + offset).astype(dtype)
+
+
+def _train_step(x, axis, backend, seed=1):
+    """forward (training, running stats) and backward; every result, as a tuple."""
+    channels = x.shape[axis]
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal(channels).astype(x.dtype)
+    bias = rng.standard_normal(channels).astype(x.dtype)
+    running_mean = np.zeros(channels, x.dtype)
+    running_var = np.ones(channels, x.dtype)
+    y, mean, invstd = bn.forward(x, weight, bias, running_mean, running_var, axis=axis,
+                                 backend=backend)
+    dy = _data(x.shape, x.dtype, seed=seed + 1)
+    dx, dweight, dbias = bn.backward(dy, x, weight, mean, invstd, axis=axis, backend=backend)
+    y_eval, _, _ = bn.forward(x, weight, bias, running_mean, running_var, training=False,
+                              axis=axis, backend=backend)
+    return y, mean, invstd, running_mean, running_var, dx, dweight, dbias, y_eval
+
+
+NAMES = "y mean invstd running_mean running_var dx dweight dbias y_eval".split()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "axis", "path"), PARALLEL_CASES,
+                         ids=[c[2] for c in PARALLEL_CASES])
+def test_parallel_paths_match_reference(shape, axis, path, dtype):
+    x = _data(shape, dtype, offset=3.0)
+    assert x.size >= _config.SERIAL_ELEMENTS, "the case must take the parallel kernels"
+    actual = _train_step(x, axis, "numba")
+    expected = _train_step(x, axis, "numpy")
+    for name, a, e in zip(NAMES, actual, expected):
+        assert_close(a, e, dtype, f"{name} ({path})")
+
+
+def test_the_cases_cover_both_fused_strategies():
+    """One-channel-per-task and merged-tiles paths are both among PARALLEL_CASES."""
+    from batchnorm_numba import _input, _resident
+
+    from batchnorm._layout import plan_layout
+
+    backend = bn.get_backend("numba")
+    resident = []
+    for shape, axis, _ in PARALLEL_CASES:
+        x = np.empty(shape, np.float32)
+        x3 = plan_layout(x.shape, x.strides, axis % x.ndim).view(backend, x)
+        resident.append(_resident(_input(x3), arrays=1))
+    assert any(resident) and not all(resident)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_variance_of_offset_data_is_exact(dtype):
+    """A large mean and a small spread: the trap of E[x^2] - E[x]^2 in float32."""
+    rng = np.random.default_rng(3)
+    x = (1000.0 + rng.standard_normal((64, 3, 32, 32))).astype(dtype)
+    _, mean, invstd = bn.forward(x, eps=0.0, backend="numba")
+    _, mean_ref, invstd_ref = bn.forward(x, eps=0.0, backend="numpy")
+    assert_close(mean, mean_ref, dtype, "mean")
+    assert_close(invstd, invstd_ref, dtype, "invstd")
+
+
+# -- determinism across thread counts ------------------------------------------------------
+
+_DETERMINISM_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import batchnorm as bn
+    sys.path.insert(0, {tests!r})
+    from test_numba import PARALLEL_CASES, _data, _train_step
+    results = {{}}
+    for i, (shape, axis, _) in enumerate(PARALLEL_CASES):
+        for dtype in (np.float32, np.float64):
+            out = _train_step(_data(shape, dtype, offset=3.0), axis, "numba")
+            for j, a in enumerate(out):
+                results[f"{{i}}-{{np.dtype(dtype).name}}-{{j}}"] = a
+    np.savez(sys.argv[1], **results)
+""")
+
+
+def _run_python(script, env_update, *args, timeout=600):
+    env = {**os.environ, **env_update}
+    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_results_are_bit_identical_for_1_and_2_threads(tmp_path):
+    # The parent compiles first, so the children load the kernels from Numba's cache.
+    for shape, axis, _ in PARALLEL_CASES:
+        _train_step(_data(shape, np.float32, offset=3.0), axis, "numba")
+    script = _DETERMINISM_SCRIPT.format(tests=os.path.dirname(__file__))
+    files = {}
+    for threads in ("1", "2"):
+        files[threads] = tmp_path / f"threads{threads}.npz"
+        done = _run_python(script, {"NUMBA_NUM_THREADS": threads}, str(files[threads]))
+        assert done.returncode == 0, done.stderr
+    one, two = np.load(files["1"]), np.load(files["2"])
+    assert sorted(one.files) == sorted(two.files) and one.files
+    for key in one.files:
+        assert one[key].tobytes() == two[key].tobytes(), f"result {key} differs"
+
+
+# -- fork and threads ----------------------------------------------------------------------
+
+_FORK_SCRIPT = textwrap.dedent("""
+    import multiprocessing as mp
+    import sys
+    import numpy as np
+    import numba
+    import batchnorm as bn
+    from batchnorm.testing import assert_close
+
+    x = np.random.default_rng(0).standard_normal((32, 8, 64, 64)).astype(np.float32)
+    y_parent, _, _ = bn.forward(x, backend="numba")  # starts Numba's threads
+
+    def child(path):
+        np.save(path, bn.forward(x, backend="numba")[0])
+
+    proc = mp.get_context("fork").Process(target=child, args=(sys.argv[1],))
+    proc.start()
+    proc.join(300)
+    assert proc.exitcode == 0, f"the forked child ended with {proc.exitcode}"
+    assert_close(np.load(sys.argv[1]), y_parent, np.float32, "forked child")
+    y_again, _, _ = bn.forward(x, backend="numba")  # the parent keeps working
+    assert y_again.tobytes() == y_parent.tobytes()
+    print("layer", numba.threading_layer())
+""")
+
+
+def _layers():
+    """Threading layers to test: Numba's default, and each one explicitly."""
+    layers = ["default"]
+    for name, module in (("omp", "omppool"), ("workqueue", "workqueue"), ("tbb", "tbbpool")):
+        try:
+            __import__(f"numba.np.ufunc.{module}")
+        except ImportError as exc:
+            layers.append(pytest.param(name, marks=pytest.mark.skip(
+                reason=f"Numba's {name} threading layer is not available here: {exc}")))
+        else:
+            layers.append(name)
+    return layers
+
+
+@pytest.mark.parametrize("layer", _layers())
+def test_fork_after_use_works_in_child_and_parent(layer, tmp_path):
+    env = {} if layer == "default" else {"NUMBA_THREADING_LAYER": layer}
+    done = _run_python(_FORK_SCRIPT, env, str(tmp_path / "child.npy"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    if layer != "default":
+        assert f"layer {layer}" in done.stdout
+
+
+_THREADS_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_numba import check_concurrent_calls
+    check_concurrent_calls()
+""")
+
+
+def check_concurrent_calls(threads=4, repeats=3):
+    """Several Python threads call the backend at once; each gets its serial result."""
+    inputs = [(_data((16, 4, 40, 40), np.float32, seed=i), 1) for i in range(threads)]
+    inputs += [(_data((4000, 24), np.float32, seed=10 + i), 1) for i in range(threads)]
+    expected = [_train_step(x, axis, "numba") for x, axis in inputs]
+    failures = []
+
+    def work(k):
+        x, axis = inputs[k]
+        for _ in range(repeats):
+            got = _train_step(x, axis, "numba")
+            if any(a.tobytes() != e.tobytes() for a, e in zip(got, expected[k])):
+                failures.append(k)
+
+    pool = [threading.Thread(target=work, args=(k,)) for k in range(len(inputs))]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert not failures, f"threads {sorted(set(failures))} got wrong results"
+
+
+def test_concurrent_python_threads_get_correct_results():
+    check_concurrent_calls()
+
+
+@pytest.mark.parametrize("layer", [p for p in _layers() if p != "default"])
+def test_concurrent_python_threads_with_each_threading_layer(layer):
+    script = _THREADS_SCRIPT.format(tests=os.path.dirname(__file__))
+    done = _run_python(script, {"NUMBA_THREADING_LAYER": layer})
+    assert done.returncode == 0, done.stdout + done.stderr
