@@ -19,6 +19,12 @@ from batchnorm._dispatch import registry
 PLUGIN_SOURCE = Path(__file__).parent / "example_plugin"
 
 
+@pytest.fixture(autouse=True)
+def automatic_selection(monkeypatch):
+    """These tests set the selection themselves: ignore a BATCHNORM_BACKEND of the session."""
+    monkeypatch.delenv("BATCHNORM_BACKEND", raising=False)
+
+
 @pytest.fixture(scope="module")
 def plugin_site(tmp_path_factory):
     """pip-install the example plugin into a fresh folder and put it on sys.path."""
