@@ -22,8 +22,10 @@ MIN_ROWS_PER_TILE = 16
 SERIAL_ELEMENTS = 1 << 15
 
 #: Channels-first fused passes keep one channel per task while a channel's data (x, or dy
-#: and x) fits in this many bytes of a core's L2, so the second read comes from cache.
-RESIDENT_BYTES = 384 * 1024
+#: and x) is at most this many bytes, so the second read comes from cache (L2, and the L3
+#: it spills to) instead of memory. Measured on (32, 64, 56, 56): forward-train 1.9x
+#: faster with a 401 KiB channel resident than with tiles merged across tasks.
+RESIDENT_BYTES = 1 << 20
 
 #: ... and while there are at least this many channels to share among the threads.
 RESIDENT_MIN_CHANNELS = 16

@@ -85,18 +85,23 @@ def row_tile(j, M, L, rows, chunk, chunks):
     return m0, min(m0 + rows, M), l0, min(l0 + chunk, L)
 
 
+# Tile helpers loop over row slices from index 0: with a start of unknown sign, Numba's
+# negative-index wraparound stays in the inner loop and stops LLVM from vectorising it.
+
 @_helper
 def row_tile_mean_m2(x3, c, m0, m1, l0, l1):
     total = 0.0
     for m in range(m0, m1):
-        for i in range(l0, l1):
-            total += x3[m, c, i]
+        row = x3[m, c, l0:l1]
+        for i in range(row.size):
+            total += row[i]
     n = (m1 - m0) * (l1 - l0)
     mean = total / n
     m2 = 0.0
     for m in range(m0, m1):
-        for i in range(l0, l1):
-            dev = x3[m, c, i] - mean
+        row = x3[m, c, l0:l1]
+        for i in range(row.size):
+            dev = row[i] - mean
             m2 += dev * dev
     return np.float64(n), mean, m2
 
@@ -115,8 +120,10 @@ def row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles):
 @_helper
 def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3):
     for m in range(m0, m1):
-        for i in range(l0, l1):
-            out3[m, c, i] = (x3[m, c, i] - shift) * scale + offset
+        row = x3[m, c, l0:l1]
+        out = out3[m, c, l0:l1]
+        for i in range(row.size):
+            out[i] = (row[i] - shift) * scale + offset
 
 
 @_helper
@@ -124,18 +131,23 @@ def row_tile_grad_sums(dy3, x3, c, m0, m1, l0, l1, mean):
     sum_dy = 0.0
     sum_dy_xmu = 0.0
     for m in range(m0, m1):
-        for i in range(l0, l1):
-            dy = np.float64(dy3[m, c, i])
+        dy_row = dy3[m, c, l0:l1]
+        row = x3[m, c, l0:l1]
+        for i in range(row.size):
+            dy = np.float64(dy_row[i])
             sum_dy += dy
-            sum_dy_xmu += dy * (x3[m, c, i] - mean)
+            sum_dy_xmu += dy * (row[i] - mean)
     return sum_dy, sum_dy_xmu
 
 
 @_helper
 def row_tile_input_grad(dy3, x3, c, m0, m1, l0, l1, mean, mean_dy, coef, scale, out3):
     for m in range(m0, m1):
-        for i in range(l0, l1):
-            out3[m, c, i] = (dy3[m, c, i] - mean_dy - (x3[m, c, i] - mean) * coef) * scale
+        dy_row = dy3[m, c, l0:l1]
+        row = x3[m, c, l0:l1]
+        out = out3[m, c, l0:l1]
+        for i in range(row.size):
+            out[i] = (dy_row[i] - mean_dy - (row[i] - mean) * coef) * scale
 
 
 @_helper
@@ -335,18 +347,21 @@ def col_tile(t, M, C, rows, cols, col_blocks):
 @_helper
 def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
     """Partial rows ``means[block, c0:c1]`` and ``m2s[block, c0:c1]`` of one tile."""
-    for c in range(c0, c1):
-        means[block, c] = 0.0
-        m2s[block, c] = 0.0
+    mean = means[block, c0:c1]
+    m2 = m2s[block, c0:c1]
+    mean[:] = 0.0
+    m2[:] = 0.0
     for m in range(m0, m1):
-        for c in range(c0, c1):
-            means[block, c] += x2[m, c]
-    for c in range(c0, c1):
-        means[block, c] /= m1 - m0
+        row = x2[m, c0:c1]
+        for c in range(row.size):
+            mean[c] += row[c]
+    for c in range(mean.size):
+        mean[c] /= m1 - m0
     for m in range(m0, m1):
-        for c in range(c0, c1):
-            dev = x2[m, c] - means[block, c]
-            m2s[block, c] += dev * dev
+        row = x2[m, c0:c1]
+        for c in range(row.size):
+            dev = row[c] - mean[c]
+            m2[c] += dev * dev
 
 
 @_helper
@@ -387,9 +402,12 @@ def cols_channel_stats(x2, tile, column_block, min_rows, parallel):
 def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2):
     M, C = x2.shape
     _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
+    shift, scale, offset = shift[c0:c1], scale[c0:c1], offset[c0:c1]
     for m in range(m0, m1):
-        for c in range(c0, c1):
-            out2[m, c] = (x2[m, c] - shift[c]) * scale[c] + offset[c]
+        row = x2[m, c0:c1]
+        out = out2[m, c0:c1]
+        for c in range(row.size):
+            out[c] = (row[c] - shift[c]) * scale[c] + offset[c]
 
 
 @_kernel
@@ -408,14 +426,18 @@ def cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows,
 def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu):
     M, C = x2.shape
     block, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
-    for c in range(c0, c1):
-        sums_dy[block, c] = 0.0
-        sums_dy_xmu[block, c] = 0.0
+    sum_dy = sums_dy[block, c0:c1]
+    sum_dy_xmu = sums_dy_xmu[block, c0:c1]
+    mean = mean64[c0:c1]
+    sum_dy[:] = 0.0
+    sum_dy_xmu[:] = 0.0
     for m in range(m0, m1):
-        for c in range(c0, c1):
-            dy = np.float64(dy2[m, c])
-            sums_dy[block, c] += dy
-            sums_dy_xmu[block, c] += dy * (x2[m, c] - mean64[c])
+        dy_row = dy2[m, c0:c1]
+        row = x2[m, c0:c1]
+        for c in range(row.size):
+            dy = np.float64(dy_row[c])
+            sum_dy[c] += dy
+            sum_dy_xmu[c] += dy * (row[c] - mean[c])
 
 
 @_kernel
@@ -445,10 +467,14 @@ def cols_grad_sums(dy2, x2, mean64, tile, column_block, min_rows, parallel):
 def col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2):
     M, C = x2.shape
     _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
-    mean, mean_dy, coef, scale = coefs[0], coefs[1], coefs[2], coefs[3]
+    mean, mean_dy = coefs[0, c0:c1], coefs[1, c0:c1]
+    coef, scale = coefs[2, c0:c1], coefs[3, c0:c1]
     for m in range(m0, m1):
-        for c in range(c0, c1):
-            out2[m, c] = (dy2[m, c] - mean_dy[c] - (x2[m, c] - mean[c]) * coef[c]) * scale[c]
+        dy_row = dy2[m, c0:c1]
+        row = x2[m, c0:c1]
+        out = out2[m, c0:c1]
+        for c in range(row.size):
+            out[c] = (dy_row[c] - mean_dy[c] - (row[c] - mean[c]) * coef[c]) * scale[c]
 
 
 @_kernel
