@@ -1,15 +1,20 @@
 """The ``numba`` backend: parallel CPU kernels, the default for NumPy arrays.
 
-Kernels are compiled by Numba on first use (``cache=True``: a later process loads them from
-Numba's cache instead of compiling) for two layouts of the core's ``(M, C, L)`` view:
+Kernels are compiled by Numba on first use, nothing at import; ``cache=True`` stores them
+in Numba's cache (``__pycache__`` beside the sources, or ``NUMBA_CACHE_DIR``) so a later
+process loads them in well under a second instead of compiling (about half a minute for the
+float32 kernels). Two layouts of the core's ``(M, C, L)`` view have kernels of their own:
 channels-first (``L > 1``: rows of one channel) and channels-last (``L == 1``: vectorised
-across channels). Any strides work; contiguous inputs take the fast vectorised code.
+across channels). Inputs whose view is not C-contiguous, and float16 inputs (Numba has no
+float16 arithmetic on the CPU; they are computed in float32), are copied once.
 
-Numerics: every tile's mean and M2 are two-pass float64 sums and tiles are merged with
-Chan's formula; float16 input is converted to float32 (Numba has no float16 arithmetic on
-the CPU), so it costs a float32 copy. The tiles depend only on the shape, so results are
-bit-identical whatever the number of threads. Inputs under
-``_config.SERIAL_ELEMENTS`` elements run on the calling thread only.
+Work is cut into tiles that depend only on the shape, never on the number of threads, and
+partial results are merged serially in tile order, so results are bit-identical for any
+``NUMBA_NUM_THREADS``. Each tile's mean and M2 are two-pass float64 sums, merged with
+Chan's formula. The fused training passes run one channel per task while a channel fits in
+cache (``_config.RESIDENT_BYTES``), so the second read of ``x`` (and ``dy``) comes from
+cache; otherwise tiles of all channels are spread over the threads (C = 1 or 3 still uses
+every thread). Inputs under ``_config.SERIAL_ELEMENTS`` elements run on the calling thread.
 
 Threads
 -------
