@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ._layout import c_strides
+from ._layout import is_c_contiguous
 
 
 class Backend(ABC):
@@ -89,7 +89,7 @@ class Backend(ABC):
 
     def strided_view(self, array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
         """Return a view of native ``array``'s memory with the given shape and byte strides."""
-        if array.flags.c_contiguous and strides == c_strides(shape, array.itemsize):
+        if array.flags.c_contiguous and is_c_contiguous(shape, strides, array.itemsize):
             return array.reshape(shape)  # same view, several times cheaper than as_strided
         return self.xp.lib.stride_tricks.as_strided(array, shape, strides)
 
@@ -169,10 +169,16 @@ class Backend(ABC):
         ``count = 1`` and ``m2`` a variance this turns running statistics into eval ones.
         """
         xp = self.xp
-        acc = np.promote_types(m2.dtype, stat_dtype)
-        var = xp.maximum(m2.astype(acc) / count, 0)
-        invstd = 1 / xp.sqrt(var + eps)
-        return mean.astype(stat_dtype), var.astype(stat_dtype), invstd.astype(stat_dtype)
+        var = xp.divide(m2, count, dtype=np.promote_types(m2.dtype, stat_dtype))
+        xp.maximum(var, 0, out=var)
+        invstd = var + eps
+        xp.sqrt(invstd, out=invstd)
+        xp.reciprocal(invstd, out=invstd)
+        return (
+            mean.astype(stat_dtype),  # a copy: in eval, mean must not alias running_mean
+            var.astype(stat_dtype, copy=False),
+            invstd.astype(stat_dtype, copy=False),
+        )
 
     def param_grads(self, sum_dy, sum_dy_xmu, invstd, weight_dtype, bias_dtype):
         """``(dweight, dbias) = (sum_dy_xmu * invstd, sum_dy)`` in the parameters' dtypes."""
@@ -188,8 +194,12 @@ class Backend(ABC):
         ``batch_var * count / (count - 1)``. Running arrays keep their dtype.
         """
         acc = np.promote_types(running_mean.dtype, batch_mean.dtype)
-        unbiased = batch_var.astype(acc) * (count / (count - 1))
-        new_mean = (1 - momentum) * running_mean.astype(acc) + momentum * batch_mean.astype(acc)
-        new_var = (1 - momentum) * running_var.astype(acc) + momentum * unbiased
-        running_mean[...] = new_mean.astype(running_mean.dtype)
-        running_var[...] = new_var.astype(running_var.dtype)
+        keep = 1 - momentum
+        new_mean = running_mean.astype(acc)
+        new_mean *= keep
+        new_mean += momentum * batch_mean
+        new_var = running_var.astype(acc)
+        new_var *= keep
+        new_var += batch_var * (momentum * count / (count - 1))
+        running_mean[...] = new_mean
+        running_var[...] = new_var

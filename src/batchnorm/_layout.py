@@ -10,6 +10,7 @@ becomes ``(W*H, C, N)``; all of them views.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -23,31 +24,29 @@ class Layout:
     outer: tuple[int, ...]
     inner: tuple[int, ...]
 
-    def shape3(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
-        return (
-            math.prod(shape[a] for a in self.outer),
-            shape[self.axis],
-            math.prod(shape[a] for a in self.inner),
-        )
-
-    def strides3(self, shape, strides) -> tuple[int, int, int] | None:
-        """Byte strides of the 3-D view of an array, or None when a group cannot merge."""
-        merged = []
-        for group in (self.outer, self.inner):
-            stride = _merged_stride([(shape[a], strides[a]) for a in group])
-            if stride is None:
-                return None
-            merged.append(stride)
-        outer, inner = merged
-        return (outer, strides[self.axis], inner)
-
     def view(self, backend: Any, array: Any) -> Any | None:
         """The 3-D view of a native array through ``backend``, or None if it needs a copy."""
-        shape, strides = tuple(array.shape), tuple(array.strides)
-        strides3 = self.strides3(shape, strides)
-        if strides3 is None:
+        geometry = _view_geometry(self, tuple(array.shape), tuple(array.strides))
+        if geometry is None:
             return None
-        return backend.strided_view(array, self.shape3(shape), strides3)
+        return backend.strided_view(array, *geometry)
+
+
+@functools.lru_cache(maxsize=256)
+def _view_geometry(layout: Layout, shape, strides):
+    """``(shape3, strides3)`` of the view, or None when a group of axes cannot merge."""
+    merged = []
+    for group in (layout.outer, layout.inner):
+        stride = _merged_stride([(shape[a], strides[a]) for a in group])
+        if stride is None:
+            return None
+        merged.append(stride)
+    shape3 = (
+        math.prod(shape[a] for a in layout.outer),
+        shape[layout.axis],
+        math.prod(shape[a] for a in layout.inner),
+    )
+    return shape3, (merged[0], strides[layout.axis], merged[1])
 
 
 def _merged_stride(dims: list[tuple[int, int]]) -> int | None:
@@ -64,22 +63,24 @@ def _merged_stride(dims: list[tuple[int, int]]) -> int | None:
     return dims[-1][1]
 
 
-def c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    """Byte strides of a C-contiguous array of ``shape``."""
-    strides, step = [], itemsize
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
+def is_c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
+    """Whether these byte strides are C order (axes of length 1 may have any stride)."""
+    expected = itemsize
+    for n, stride in zip(reversed(shape), reversed(strides)):
+        if n != 1 and stride != expected:
+            return False
+        expected *= n
+    return True
 
 
+@functools.lru_cache(maxsize=256)
 def plan_layout(shape: tuple[int, ...], strides: tuple[int, ...], axis: int) -> Layout:
     """Group the non-channel axes by memory order: those outside the channel axis, then inside.
 
     The plan always merges for a compact array (any memory order); for other strides
     :meth:`Layout.view` may return None, and the caller copies into a compact array.
     """
-    if len(shape) and strides[-1] > 0 and tuple(strides) == c_strides(shape, strides[-1]):
+    if strides[-1] > 0 and is_c_contiguous(shape, strides, strides[-1]):
         return Layout(axis, tuple(range(axis)), tuple(range(axis + 1, len(shape))))  # common
     others = sorted(
         (a for a in range(len(shape)) if a != axis), key=lambda a: (-abs(strides[a]), a)
