@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -146,6 +147,11 @@ def _machine() -> dict[str, object]:
         info["torch"] = torch.__version__
     except ImportError:
         pass
+    git = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
+    )
+    if git.returncode == 0:
+        info["commit"] = git.stdout.strip()  # the code the ratios were measured on
     return info
 
 
