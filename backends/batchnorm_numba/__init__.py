@@ -225,29 +225,34 @@ class NumbaBackend(Backend):
         with _output(out3) as out, _launch(parallel):
             kernel(dy, x, coefs, out, *_tiling(x), parallel)
 
-    # -- fused: one channel per task when a channel fits in L2 ----------------------------------
+    # -- fused: one kernel call each ------------------------------------------------------------
     def forward_train(self, x3, weight, bias, eps, out3, stat_dtype):
         x = _input(x3)
-        if not _resident(x, arrays=1):
-            return super().forward_train(x3, weight, bias, eps, out3, stat_dtype)
         channels = x3.shape[1]
-        mean, var, invstd = (np.empty(channels, dtype=stat_dtype) for _ in range(3))
         weight64 = _vector(weight, 1.0, channels)
-        offset = _vector(bias, 0.0, channels, _compute_dtype(x3.dtype))
-        with _output(out3) as out, _launch(True):
-            kernels.rows_forward_train(x, weight64, offset, eps, out, mean, var, invstd,
-                                       config.TILE_ELEMENTS)
-        return mean, var, invstd
+        offset = _vector(bias, 0.0, channels, x.dtype)
+        parallel = _is_parallel(x.size)
+        with _output(out3) as out, _launch(parallel):
+            if x.ndim == 2:
+                stats = kernels.cols_forward_train(x, weight64, offset, eps, out, *_tiling(x),
+                                                   parallel)
+            else:
+                stats = kernels.rows_forward_train(x, weight64, offset, eps, out,
+                                                   config.TILE_ELEMENTS,
+                                                   _resident(x, arrays=1), parallel)
+        return tuple(s.astype(stat_dtype, copy=False) for s in stats)
 
     def backward_train(self, dy3, x3, mean, invstd, weight, out3):
-        x = _input(x3)
-        if not _resident(x, arrays=2):
-            return super().backward_train(dy3, x3, mean, invstd, weight, out3)
+        x, dy = _input(x3), _input(dy3)
         channels = x3.shape[1]
         mean64 = _vector(mean, 0.0, channels)
         invstd64 = _vector(invstd, 1.0, channels)
         weight64 = _vector(weight, 1.0, channels)
-        dy = _input(dy3)
-        with _output(out3) as out, _launch(True):
+        parallel = _is_parallel(x.size)
+        with _output(out3) as out, _launch(parallel):
+            if x.ndim == 2:
+                return kernels.cols_backward_train(dy, x, mean64, invstd64, weight64, out,
+                                                   *_tiling(x), parallel)
             return kernels.rows_backward_train(dy, x, mean64, invstd64, weight64, out,
-                                               config.TILE_ELEMENTS)
+                                               config.TILE_ELEMENTS, _resident(x, arrays=2),
+                                               parallel)

@@ -14,8 +14,11 @@ Arrays reach the kernels C-contiguous, in float32 or float64 (the caller copies 
 strides and float16), so each kernel compiles for two signatures only. Per-channel vectors
 are float64 (``*64``) or in the dtype of ``out``. Kernels with a ``parallel`` argument run
 the same tiles in a plain loop when it is False (small inputs, forked children of a GNU
-OpenMP process); ``rows_forward_train``/``rows_backward_train`` run one task per channel,
-for channels that fit in L2, so their second pass reads from cache.
+OpenMP process). The fused ``*_forward_train``/``*_backward_train`` kernels are one call
+per operation (each call through Numba's dispatcher costs microseconds); with ``resident``
+they run one task per channel, for channels that fit in L2, so their second pass reads from
+cache; otherwise their second pass takes the tiles last to first, starting with those
+still in cache.
 """
 
 import numpy as np
@@ -222,14 +225,46 @@ def row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset
 
 
 @_kernel
-def rows_forward_train(x3, weight64, offset, eps, out3, mean_out, var_out, invstd_out, tile):
-    """Fused statistics and normalize, one task per channel (for channels that fit in L2)."""
+def rows_forward_train(x3, weight64, offset, eps, out3, tile, resident, parallel):
+    """Fused statistics and normalize: ``(mean, var, invstd)`` in the dtype of ``out3``.
+
+    ``resident``: one task per channel (for channels that fit in L2), so the normalize pass
+    reads the channel from cache. Otherwise tiles of all channels are spread over the
+    threads and normalized last to first: the last ones read are still in cache.
+    """
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    mean_out = np.empty(C, dtype=out3.dtype)
+    var_out = np.empty(C, dtype=out3.dtype)
+    invstd_out = np.empty(C, dtype=out3.dtype)
     scale = np.empty(C, dtype=out3.dtype)
-    for c in prange(C):
-        row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset,
-                            out3, mean_out, var_out, invstd_out, scale)
+    if resident:
+        for c in prange(C):
+            row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset,
+                                out3, mean_out, var_out, invstd_out, scale)
+        return mean_out, var_out, invstd_out
+    tasks = C * tiles
+    count = np.empty(tasks)
+    means = np.empty(tasks)
+    m2s = np.empty(tasks)
+    if parallel:
+        for t in prange(tasks):
+            row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s)
+    else:
+        for t in range(tasks):
+            row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s)
+    for c in range(C):
+        n, mean, m2 = merge_partials(count, means, m2s, c * tiles, tiles)
+        finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
+    if parallel:
+        for t in prange(tasks):
+            row_normalize_task(x3, tasks - 1 - t, rows, chunk, chunks, tiles, mean_out, scale,
+                               offset, out3)
+    else:
+        for t in range(tasks):
+            row_normalize_task(x3, tasks - 1 - t, rows, chunk, chunks, tiles, mean_out, scale,
+                               offset, out3)
+    return mean_out, var_out, invstd_out
 
 
 @_helper
@@ -310,16 +345,41 @@ def row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd6
 
 
 @_kernel
-def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile):
-    """Fused gradient sums and dx, one task per channel; returns float64 sums."""
+def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile, resident, parallel):
+    """Fused gradient sums and dx; returns float64 sums. ``resident`` as in the forward."""
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
     coefs = np.empty((4, C), dtype=out3.dtype)
     sum_dy = np.zeros(C)
     sum_dy_xmu = np.zeros(C)
-    for c in prange(C):
-        row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd64,
-                             weight64, coefs, out3, sum_dy, sum_dy_xmu)
+    if resident:
+        for c in prange(C):
+            row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd64,
+                                 weight64, coefs, out3, sum_dy, sum_dy_xmu)
+        return sum_dy, sum_dy_xmu
+    tasks = C * tiles
+    sums_dy = np.empty(tasks)
+    sums_dy_xmu = np.empty(tasks)
+    if parallel:
+        for t in prange(tasks):
+            row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy,
+                                  sums_dy_xmu)
+    else:
+        for t in range(tasks):
+            row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy,
+                                  sums_dy_xmu)
+    for c in range(C):
+        for t in range(c * tiles, (c + 1) * tiles):
+            sum_dy[c] += sums_dy[t]
+            sum_dy_xmu[c] += sums_dy_xmu[t]
+        grad_coefficients(c, M * L, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64,
+                          coefs)
+    if parallel:
+        for t in prange(tasks):
+            row_input_grad_task(dy3, x3, tasks - 1 - t, rows, chunk, chunks, tiles, coefs, out3)
+    else:
+        for t in range(tasks):
+            row_input_grad_task(dy3, x3, tasks - 1 - t, rows, chunk, chunks, tiles, coefs, out3)
     return sum_dy, sum_dy_xmu
 
 
@@ -346,18 +406,33 @@ def col_tile(t, M, C, rows, cols, col_blocks):
 
 @_helper
 def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
-    """Partial rows ``means[block, c0:c1]`` and ``m2s[block, c0:c1]`` of one tile."""
+    """Partial rows ``means[block, c0:c1]`` and ``m2s[block, c0:c1]`` of one tile.
+
+    The partial rows live in memory, not registers: each update is a load and a store, so
+    four rows are summed per update (a fixed order, set by the tile bounds alone).
+    """
     mean = means[block, c0:c1]
     m2 = m2s[block, c0:c1]
     mean[:] = 0.0
     m2[:] = 0.0
-    for m in range(m0, m1):
+    quads = m0 + (m1 - m0) // 4 * 4
+    for m in range(m0, quads, 4):
+        r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
+        for c in range(mean.size):
+            mean[c] += (np.float64(r0[c]) + r1[c]) + (np.float64(r2[c]) + r3[c])
+    for m in range(quads, m1):
         row = x2[m, c0:c1]
         for c in range(row.size):
             mean[c] += row[c]
     for c in range(mean.size):
         mean[c] /= m1 - m0
-    for m in range(m0, m1):
+    for m in range(m0, quads, 4):
+        r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
+        for c in range(mean.size):
+            d0, d1 = r0[c] - mean[c], r1[c] - mean[c]
+            d2, d3 = r2[c] - mean[c], r3[c] - mean[c]
+            m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for m in range(quads, m1):
         row = x2[m, c0:c1]
         for c in range(row.size):
             dev = row[c] - mean[c]
@@ -368,6 +443,24 @@ def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
 def col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s):
     M, C = x2.shape
     col_tile_mean_m2(x2, *col_tile(t, M, C, rows, cols, col_blocks), means, m2s)
+
+
+@_helper
+def col_merge(means, m2s, M, rows):
+    """Chan-merge the partial rows of the row blocks, in order: ``(mean, m2)`` per channel."""
+    row_blocks, C = means.shape
+    if row_blocks == 0:
+        return np.full(C, np.nan), np.zeros(C)
+    mean = means[0].copy()
+    m2 = m2s[0].copy()
+    n = np.float64(min(rows, M))
+    for block in range(1, row_blocks):
+        n_b = np.float64(min(rows, M - block * rows))
+        for c in range(C):
+            _, mean[c], m2[c] = chan_merge(n, mean[c], m2[c], n_b, means[block, c],
+                                             m2s[block, c])
+        n += n_b
+    return mean, m2
 
 
 @_kernel
@@ -382,20 +475,7 @@ def cols_channel_stats(x2, tile, column_block, min_rows, parallel):
     else:
         for t in range(row_blocks * col_blocks):
             col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
-    if row_blocks == 0:
-        return np.full(C, np.nan), np.zeros(C)
-    mean = np.empty(C)
-    m2 = np.empty(C)
-    mean[:] = means[0]
-    m2[:] = m2s[0]
-    n = np.float64(min(rows, M))
-    for block in range(1, row_blocks):
-        n_b = np.float64(min(rows, M - block * rows))
-        for c in range(C):
-            _, mean[c], m2[c] = chan_merge(n, mean[c], m2[c], n_b, means[block, c],
-                                             m2s[block, c])
-        n += n_b
-    return mean, m2
+    return col_merge(means, m2s, M, rows)
 
 
 @_helper
@@ -422,8 +502,44 @@ def cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows,
             col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
 
 
+@_kernel
+def cols_forward_train(x2, weight64, offset, eps, out2, tile, column_block, min_rows, parallel):
+    """Statistics, then normalize: returns ``(mean, var, invstd)`` in the dtype of ``out2``.
+
+    The normalize pass takes the tiles last to first: the last ones read are still in cache.
+    """
+    M, C = x2.shape
+    rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
+    tasks = row_blocks * col_blocks
+    means = np.empty((row_blocks, C))
+    m2s = np.empty((row_blocks, C))
+    if parallel:
+        for t in prange(tasks):
+            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
+    else:
+        for t in range(tasks):
+            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
+    mean, m2 = col_merge(means, m2s, M, rows)
+    mean_out = np.empty(C, dtype=out2.dtype)
+    var_out = np.empty(C, dtype=out2.dtype)
+    invstd_out = np.empty(C, dtype=out2.dtype)
+    scale = np.empty(C, dtype=out2.dtype)
+    for c in range(C):
+        finish_channel(c, M, mean[c], m2[c], eps, weight64, mean_out, var_out, invstd_out, scale)
+    if parallel:
+        for t in prange(tasks):
+            col_normalize_task(x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale,
+                               offset, out2)
+    else:
+        for t in range(tasks):
+            col_normalize_task(x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale,
+                               offset, out2)
+    return mean_out, var_out, invstd_out
+
+
 @_helper
 def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu):
+    """Partial rows of tile t, four rows per update (see :func:`col_tile_mean_m2`)."""
     M, C = x2.shape
     block, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
     sum_dy = sums_dy[block, c0:c1]
@@ -431,7 +547,17 @@ def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, s
     mean = mean64[c0:c1]
     sum_dy[:] = 0.0
     sum_dy_xmu[:] = 0.0
-    for m in range(m0, m1):
+    quads = m0 + (m1 - m0) // 4 * 4
+    for m in range(m0, quads, 4):
+        g0, g1, g2, g3 = dy2[m, c0:c1], dy2[m + 1, c0:c1], dy2[m + 2, c0:c1], dy2[m + 3, c0:c1]
+        r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
+        for c in range(mean.size):
+            dy0, dy1 = np.float64(g0[c]), np.float64(g1[c])
+            dy2_, dy3 = np.float64(g2[c]), np.float64(g3[c])
+            sum_dy[c] += (dy0 + dy1) + (dy2_ + dy3)
+            sum_dy_xmu[c] += ((dy0 * (r0[c] - mean[c]) + dy1 * (r1[c] - mean[c]))
+                              + (dy2_ * (r2[c] - mean[c]) + dy3 * (r3[c] - mean[c])))
+    for m in range(quads, m1):
         dy_row = dy2[m, c0:c1]
         row = x2[m, c0:c1]
         for c in range(row.size):
@@ -487,3 +613,38 @@ def cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, parallel
     else:
         for t in range(row_blocks * col_blocks):
             col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2)
+
+
+@_kernel
+def cols_backward_train(dy2, x2, mean64, invstd64, weight64, out2, tile, column_block,
+                        min_rows, parallel):
+    """Fused gradient sums and dx (tiles last to first); returns float64 sums."""
+    M, C = x2.shape
+    rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
+    tasks = row_blocks * col_blocks
+    sums_dy = np.empty((row_blocks, C))
+    sums_dy_xmu = np.empty((row_blocks, C))
+    if parallel:
+        for t in prange(tasks):
+            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy,
+                                  sums_dy_xmu)
+    else:
+        for t in range(tasks):
+            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy,
+                                  sums_dy_xmu)
+    sum_dy = np.zeros(C)
+    sum_dy_xmu = np.zeros(C)
+    for block in range(row_blocks):
+        for c in range(C):
+            sum_dy[c] += sums_dy[block, c]
+            sum_dy_xmu[c] += sums_dy_xmu[block, c]
+    coefs = np.empty((4, C), dtype=out2.dtype)
+    for c in range(C):
+        grad_coefficients(c, M, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64, coefs)
+    if parallel:
+        for t in prange(tasks):
+            col_input_grad_task(dy2, x2, tasks - 1 - t, rows, cols, col_blocks, coefs, out2)
+    else:
+        for t in range(tasks):
+            col_input_grad_task(dy2, x2, tasks - 1 - t, rows, cols, col_blocks, coefs, out2)
+    return sum_dy, sum_dy_xmu
