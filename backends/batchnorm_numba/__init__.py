@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import numba
@@ -80,14 +79,14 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-@contextlib.contextmanager
-def _launch(parallel: bool) -> Iterator[None]:
-    """Hold the lock around a parallel kernel unless the layer is known thread-safe."""
+_no_lock = contextlib.nullcontext()
+
+
+def _launch(parallel: bool) -> contextlib.AbstractContextManager:
+    """The lock around a parallel kernel unless the layer is known thread-safe."""
     if parallel and _threading_layer() in (None, "workqueue"):
-        with _workqueue_lock:
-            yield
-    else:
-        yield
+        return _workqueue_lock
+    return _no_lock
 
 
 def _is_parallel(size: int) -> bool:
@@ -120,16 +119,20 @@ def _input(a3: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(_kernel_view(a3), dtype=_compute_dtype(a3.dtype))
 
 
-@contextlib.contextmanager
-def _output(out3: np.ndarray) -> Iterator[np.ndarray]:
-    """Where a kernel writes ``out3``: its kernel view, or a buffer copied into it after."""
+def _output(out3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(out, view)``: where a kernel writes ``out3``, and its kernel view.
+
+    ``out`` is the view itself, or a buffer that :func:`_publish` copies into the view.
+    """
     view = _kernel_view(out3)
     if view.dtype == _compute_dtype(view.dtype) and view.flags.c_contiguous:
-        yield view
-        return
-    buffer = np.empty(view.shape, dtype=_compute_dtype(view.dtype))
-    yield buffer
-    view[...] = buffer
+        return view, view
+    return np.empty(view.shape, dtype=_compute_dtype(view.dtype)), view
+
+
+def _publish(out: np.ndarray, view: np.ndarray) -> None:
+    if out is not view:
+        view[...] = out
 
 
 def _tiling(x: np.ndarray) -> tuple[int, ...]:
@@ -205,8 +208,10 @@ class NumbaBackend(Backend):
         x = _input(x3)
         parallel = _is_parallel(x.size)
         kernel = kernels.cols_normalize if x.ndim == 2 else kernels.rows_normalize
-        with _output(out3) as out, _launch(parallel):
+        out, view = _output(out3)
+        with _launch(parallel):
             kernel(x, shift, scale, offset, out, *_tiling(x), parallel)
+        _publish(out, view)
 
     def input_grad(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3):
         channels = x3.shape[1]
@@ -222,8 +227,10 @@ class NumbaBackend(Backend):
         x, dy = _input(x3), _input(dy3)
         parallel = _is_parallel(x.size)
         kernel = kernels.cols_input_grad if x.ndim == 2 else kernels.rows_input_grad
-        with _output(out3) as out, _launch(parallel):
+        out, view = _output(out3)
+        with _launch(parallel):
             kernel(dy, x, coefs, out, *_tiling(x), parallel)
+        _publish(out, view)
 
     # -- fused: one kernel call each ------------------------------------------------------------
     def forward_train(self, x3, weight, bias, eps, out3, stat_dtype):
@@ -232,7 +239,8 @@ class NumbaBackend(Backend):
         weight64 = _vector(weight, 1.0, channels)
         offset = _vector(bias, 0.0, channels, x.dtype)
         parallel = _is_parallel(x.size)
-        with _output(out3) as out, _launch(parallel):
+        out, view = _output(out3)
+        with _launch(parallel):
             if x.ndim == 2:
                 stats = kernels.cols_forward_train(x, weight64, offset, eps, out, *_tiling(x),
                                                    parallel)
@@ -240,6 +248,7 @@ class NumbaBackend(Backend):
                 stats = kernels.rows_forward_train(x, weight64, offset, eps, out,
                                                    config.TILE_ELEMENTS,
                                                    _resident(x, arrays=1), parallel)
+        _publish(out, view)
         return tuple(s.astype(stat_dtype, copy=False) for s in stats)
 
     def backward_train(self, dy3, x3, mean, invstd, weight, out3):
@@ -249,10 +258,14 @@ class NumbaBackend(Backend):
         invstd64 = _vector(invstd, 1.0, channels)
         weight64 = _vector(weight, 1.0, channels)
         parallel = _is_parallel(x.size)
-        with _output(out3) as out, _launch(parallel):
+        out, view = _output(out3)
+        with _launch(parallel):
             if x.ndim == 2:
-                return kernels.cols_backward_train(dy, x, mean64, invstd64, weight64, out,
+                sums = kernels.cols_backward_train(dy, x, mean64, invstd64, weight64, out,
                                                    *_tiling(x), parallel)
-            return kernels.rows_backward_train(dy, x, mean64, invstd64, weight64, out,
-                                               config.TILE_ELEMENTS, _resident(x, arrays=2),
-                                               parallel)
+            else:
+                sums = kernels.rows_backward_train(dy, x, mean64, invstd64, weight64, out,
+                                                   config.TILE_ELEMENTS,
+                                                   _resident(x, arrays=2), parallel)
+        _publish(out, view)
+        return sums
