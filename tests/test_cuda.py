@@ -41,8 +41,9 @@ def _cupy_with_device():
         return None
 
 
-needs_cupy = pytest.mark.skipif(_cupy_with_device() is None,
-                                reason="CuPy with a real GPU (not the simulator) is needed")
+needs_cupy = pytest.mark.skipif(
+    _cupy_with_device() is None, reason="CuPy with a real GPU (not the simulator) is needed"
+)
 
 
 @pytest.fixture
@@ -93,21 +94,23 @@ def test_simulator_counts_as_a_device():
 
 
 def test_import_compiles_nothing_and_needs_no_cuda():
-    code = ("import sys, batchnorm_cuda; "
-            "print(any(m.startswith(('numba.cuda', 'numba_cuda')) for m in sys.modules))")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
+    code = (
+        "import sys, batchnorm_cuda; "
+        "print(any(m.startswith(('numba.cuda', 'numba_cuda')) for m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 
 
 @needs_cuda
 def test_kernels_compile_lazily():
-    code = ("import batchnorm as bn; from batchnorm_cuda import _kernels as k; "
-            "bn.backend_info(); bn.get_backend('cuda'); "
-            "print(k.reduction_kernels.cache_info().currsize, "
-            "k.channel_kernels.cache_info().currsize)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          check=True)
+    code = (
+        "import batchnorm as bn; from batchnorm_cuda import _kernels as k; "
+        "bn.backend_info(); bn.get_backend('cuda'); "
+        "print(k.reduction_kernels.cache_info().currsize, "
+        "k.channel_kernels.cache_info().currsize)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["0", "0"]
 
 
@@ -156,8 +159,13 @@ def _interface_object(backend, host):
     if SIMULATED:
         buffer = host.copy()
         ptr = buffer.__array_interface__["data"][0]
-        interface = {"shape": buffer.shape, "strides": None, "typestr": buffer.dtype.str,
-                     "data": (ptr, False), "version": 3}
+        interface = {
+            "shape": buffer.shape,
+            "strides": None,
+            "typestr": buffer.dtype.str,
+            "data": (ptr, False),
+            "version": 3,
+        }
         return _InterfaceOnly(interface, buffer), buffer
     device = backend.from_host(host)
     return _InterfaceOnly(device.__cuda_array_interface__, device), device
@@ -195,14 +203,16 @@ def test_cupy_in_cupy_out_zero_copy_on_the_current_stream(cuda_backend):
 
 # -- kernels -------------------------------------------------------------------------------
 @needs_cuda
-@pytest.mark.parametrize("shape,axis", [((9, 3, 10), 1), ((17, 5), 1)],
-                         ids=["channels_first", "channels_last"])
+@pytest.mark.parametrize(
+    "shape,axis", [((9, 3, 10), 1), ((17, 5), 1)], ids=["channels_first", "channels_last"]
+)
 def test_reductions_merge_several_splits_deterministically(cuda_backend, shape, axis):
     config = cuda_backend._arrays.launch_config()
     x_host = np.random.default_rng(2).standard_normal(shape).astype(np.float32) + 3
     x3 = cuda_backend.from_host(x_host.reshape(shape[0], shape[1], -1))
-    launch = _config.reduction_launch(config, tuple(x3.shape), cuda_backend._multiprocessors,
-                                      channels_last=x3.shape[2] == 1)
+    launch = _config.reduction_launch(
+        config, tuple(x3.shape), cuda_backend._multiprocessors, channels_last=x3.shape[2] == 1
+    )
     assert launch.grid[1] > 1, "the partial merge would not be exercised"
     first = [cuda_backend.to_host(a) for a in cuda_backend.channel_stats(x3)]
     second = [cuda_backend.to_host(a) for a in cuda_backend.channel_stats(x3)]
@@ -217,8 +227,7 @@ def test_reductions_merge_several_splits_deterministically(cuda_backend, shape, 
 @needs_cuda
 def test_copy_into_handles_any_strides(cuda_backend):
     host = np.arange(2 * 3 * 4 * 5, dtype=np.float64).reshape(2, 3, 4, 5)
-    src = cuda_backend.strided_view(cuda_backend.from_host(host), (2, 3, 2, 5),
-                                    (480, 160, 80, 8))
+    src = cuda_backend.strided_view(cuda_backend.from_host(host), (2, 3, 2, 5), (480, 160, 80, 8))
     dst = cuda_backend.empty((2, 3, 2, 5), np.float64, src)
     cuda_backend.copy_into(dst, src)
     np.testing.assert_array_equal(cuda_backend.to_host(dst), host[:, :, ::2, :])
@@ -228,8 +237,10 @@ def test_launch_sizes_cover_every_shape():
     for config in (_config.DEVICE, _config.SIMULATOR):
         for shape in [(1, 1, 1), (256, 64, 3136), (100352, 64, 1), (3, 1000, 7), (5, 3, 1)]:
             for channels_last in (True, False):
-                for launch in (_config.reduction_launch(config, shape, 132, channels_last),
-                               _config.elementwise_launch(config, shape, channels_last)):
+                for launch in (
+                    _config.reduction_launch(config, shape, 132, channels_last),
+                    _config.elementwise_launch(config, shape, channels_last),
+                ):
                     bx, by = launch.block
                     assert bx * by == config.threads_per_block
                     assert all(1 <= g <= 65535 for g in launch.grid)
@@ -242,18 +253,25 @@ def test_launch_sizes_cover_every_shape():
 def compile_report():
     """One subprocess compiles every kernel signature for every compute capability."""
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
-    done = subprocess.run([sys.executable, "-m", "batchnorm_cuda._compile_check"],
-                          capture_output=True, text=True, env=env, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, "-m", "batchnorm_cuda._compile_check"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     if not done.stdout.strip():
         pytest.fail(f"compile check produced no report:\n{done.stderr[-3000:]}")
     report = json.loads(done.stdout)
-    return report["skipped"], {(r["kernel"], r["dtype"], tuple(r["cc"])): r
-                               for r in report["results"]}
+    return report["skipped"], {
+        (r["kernel"], r["dtype"], tuple(r["cc"])): r for r in report["results"]
+    }
 
 
 @pytest.mark.parametrize("cc", DEFAULT_CCS, ids=lambda cc: f"sm{cc[0]}{cc[1]}")
-@pytest.mark.parametrize("kernel,dtype", [(k, d) for k, d, _ in signatures()],
-                         ids=lambda v: str(v).replace(" ", "_"))
+@pytest.mark.parametrize(
+    "kernel,dtype", [(k, d) for k, d, _ in signatures()], ids=lambda v: str(v).replace(" ", "_")
+)
 def test_kernel_compiles_to_ptx(compile_report, kernel, dtype, cc):
     skipped, results = compile_report
     if skipped:

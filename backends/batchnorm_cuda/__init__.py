@@ -74,7 +74,8 @@ class CudaBackend(Backend):
         if isinstance(array, np.ndarray):
             return False
         return bool(getattr(array, "__cuda_ndarray__", False)) or hasattr(
-            array, "__cuda_array_interface__")
+            array, "__cuda_array_interface__"
+        )
 
     def devices(self) -> list[str]:
         from numba import cuda
@@ -159,14 +160,17 @@ class CudaBackend(Backend):
         from ._config import reduction_launch
 
         channels_last = x3.shape[2] == 1
-        launch = reduction_launch(self._arrays.launch_config(), tuple(x3.shape),
-                                  self._multiprocessors, channels_last)
+        launch = reduction_launch(
+            self._arrays.launch_config(), tuple(x3.shape), self._multiprocessors, channels_last
+        )
         # An empty reduction has no splits: the merge then yields zeros.
         splits = launch.grid[1] if x3.size else 0
         parts = [self.empty((splits, x3.shape[1]), dt, x3) for dt in partial_dtypes]
         if splits:
-            kernel = getattr(self._kernels_for(x3.dtype),
-                             f"{name}_{'channels_last' if channels_last else 'channels_first'}")
+            kernel = getattr(
+                self._kernels_for(x3.dtype),
+                f"{name}_{'channels_last' if channels_last else 'channels_first'}",
+            )
             kernel[launch.grid, launch.block, self._arrays.stream_of(x3)](*args, *parts)
         return parts
 
@@ -176,10 +180,11 @@ class CudaBackend(Backend):
         if x3.size == 0:
             return
         channels_last = x3.shape[2] == 1
-        launch = elementwise_launch(self._arrays.launch_config(), tuple(x3.shape),
-                                    channels_last)
-        kernel = getattr(self._kernels_for(x3.dtype),
-                         f"{name}_{'channels_last' if channels_last else 'channels_first'}")
+        launch = elementwise_launch(self._arrays.launch_config(), tuple(x3.shape), channels_last)
+        kernel = getattr(
+            self._kernels_for(x3.dtype),
+            f"{name}_{'channels_last' if channels_last else 'channels_first'}",
+        )
         kernel[launch.grid, launch.block, self._arrays.stream_of(x3)](*args)
 
     # -- phase 1 ---------------------------------------------------------------------------
@@ -189,8 +194,17 @@ class CudaBackend(Backend):
         channels = x3.shape[1]
         mean = self.empty((channels,), np.float64, x3)
         m2 = self.empty((channels,), np.float64, x3)
-        self._per_channel(self._channel_kernels().merge_stat_partials, x3, channels,
-                          x3, part_n, part_mean, part_m2, mean, m2)
+        self._per_channel(
+            self._channel_kernels().merge_stat_partials,
+            x3,
+            channels,
+            x3,
+            part_n,
+            part_mean,
+            part_m2,
+            mean,
+            m2,
+        )
         return mean, m2
 
     def forward_train(self, x3, weight, bias, eps: float, out3, stat_dtype):
@@ -199,9 +213,18 @@ class CudaBackend(Backend):
         parts = self._reduce("stats", x3, (np.int64, acc, acc), x3)
         channels = x3.shape[1]
         mean, var, invstd = (self.empty((channels,), stat_dtype, x3) for _ in range(3))
-        self._per_channel(self._channel_kernels().merge_and_finish_stats, x3, channels,
-                          x3, *parts, float(x3.shape[0] * x3.shape[2]), float(eps),
-                          mean, var, invstd)
+        self._per_channel(
+            self._channel_kernels().merge_and_finish_stats,
+            x3,
+            channels,
+            x3,
+            *parts,
+            float(x3.shape[0] * x3.shape[2]),
+            float(eps),
+            mean,
+            var,
+            invstd,
+        )
         self.normalize(x3, mean, invstd, weight, bias, out3)
         return mean, var, invstd
 
@@ -211,43 +234,94 @@ class CudaBackend(Backend):
         channels = x3.shape[1]
         sum_dy = self.empty((channels,), np.float64, x3)
         sum_dy_xmu = self.empty((channels,), np.float64, x3)
-        self._per_channel(self._channel_kernels().sum_partials, x3, channels,
-                          part_dy, part_dy_xmu, sum_dy, sum_dy_xmu)
+        self._per_channel(
+            self._channel_kernels().sum_partials,
+            x3,
+            channels,
+            part_dy,
+            part_dy_xmu,
+            sum_dy,
+            sum_dy_xmu,
+        )
         return sum_dy, sum_dy_xmu
 
     # -- phase 2 ---------------------------------------------------------------------------
     def normalize(self, x3, mean, invstd, weight, bias, out3) -> None:
         # None parameters are flagged off; invstd stands in for them and is never read.
-        self._elementwise("normalize", x3, x3,
-                          invstd if mean is None else mean, invstd,
-                          invstd if weight is None else weight,
-                          invstd if bias is None else bias,
-                          mean is not None, weight is not None, bias is not None, out3)
+        self._elementwise(
+            "normalize",
+            x3,
+            x3,
+            invstd if mean is None else mean,
+            invstd,
+            invstd if weight is None else weight,
+            invstd if bias is None else bias,
+            mean is not None,
+            weight is not None,
+            bias is not None,
+            out3,
+        )
 
     def input_grad(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3) -> None:
         count = x3.shape[0] * x3.shape[2]
-        self._elementwise("input_grad", x3, dy3, x3, mean, invstd,
-                          invstd if weight is None else weight, weight is not None,
-                          sum_dy, sum_dy_xmu, 1.0 / count, out3)
+        self._elementwise(
+            "input_grad",
+            x3,
+            dy3,
+            x3,
+            mean,
+            invstd,
+            invstd if weight is None else weight,
+            weight is not None,
+            sum_dy,
+            sum_dy_xmu,
+            1.0 / count,
+            out3,
+        )
 
     # -- per-channel steps ------------------------------------------------------------------
     def finish_stats(self, mean, m2, count: int, eps: float, stat_dtype):
         channels = mean.shape[0]
         outs = [self.empty((channels,), stat_dtype, mean) for _ in range(3)]
-        self._per_channel(self._channel_kernels().finish_stats, mean, channels,
-                          mean, m2, float(count), float(eps), *outs)
+        self._per_channel(
+            self._channel_kernels().finish_stats,
+            mean,
+            channels,
+            mean,
+            m2,
+            float(count),
+            float(eps),
+            *outs,
+        )
         return tuple(outs)
 
     def param_grads(self, sum_dy, sum_dy_xmu, invstd, weight_dtype, bias_dtype):
         channels = sum_dy.shape[0]
         dweight = self.empty((channels,), weight_dtype, sum_dy)
         dbias = self.empty((channels,), bias_dtype, sum_dy)
-        self._per_channel(self._channel_kernels().param_grads, sum_dy, channels,
-                          sum_dy, sum_dy_xmu, invstd, dweight, dbias)
+        self._per_channel(
+            self._channel_kernels().param_grads,
+            sum_dy,
+            channels,
+            sum_dy,
+            sum_dy_xmu,
+            invstd,
+            dweight,
+            dbias,
+        )
         return dweight, dbias
 
-    def update_running_stats(self, running_mean, running_var, batch_mean, batch_var,
-                             count: int, momentum: float) -> None:
-        self._per_channel(self._channel_kernels().update_running_stats, running_mean,
-                          running_mean.shape[0], running_mean, running_var, batch_mean,
-                          batch_var, count / (count - 1), float(momentum))
+    def update_running_stats(
+        self, running_mean, running_var, batch_mean, batch_var, count: int, momentum: float
+    ) -> None:
+        self._per_channel(
+            self._channel_kernels().update_running_stats,
+            running_mean,
+            running_mean.shape[0],
+            running_mean,
+            running_var,
+            batch_mean,
+            batch_var,
+            count / (count - 1),
+            float(momentum),
+        )

@@ -162,8 +162,7 @@ def strided_view(array: Any, shape, strides) -> Any:
         return cuda.devicearray.FakeCUDAArray(view, stream=array.stream)
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
 
-    return DeviceNDArray(shape, strides, array.dtype, stream=array.stream,
-                         gpu_data=array.gpu_data)
+    return DeviceNDArray(shape, strides, array.dtype, stream=array.stream, gpu_data=array.gpu_data)
 
 
 def _address_range(array: Any) -> tuple[int, int]:
@@ -187,8 +186,9 @@ def copy_into(dst: Any, src: Any) -> None:
     """Copy between device arrays of one shape and any strides, on ``dst``'s stream."""
     ndim = len(src.shape)
     if ndim > COPY_NDIM:
-        raise ValueError(f"the cuda backend copies arrays of at most {COPY_NDIM} dimensions, "
-                         f"got {ndim}")
+        raise ValueError(
+            f"the cuda backend copies arrays of at most {COPY_NDIM} dimensions, got {ndim}"
+        )
     if src.size == 0:
         return
     pad = COPY_NDIM - ndim

@@ -46,10 +46,12 @@ def signatures() -> list[tuple[str, str, tuple]]:
             out += [
                 (f"stats_{layout}", name, (x3, part_n, part, part)),
                 (f"grad_sums_{layout}", name, (x3, x3, stat_vec, part, part)),
-                (f"normalize_{layout}", name,
-                 (x3, stat_vec, stat_vec, vec, vec, b, b, b, x3)),
-                (f"input_grad_{layout}", name,
-                 (x3, x3, stat_vec, stat_vec, vec, b, vec64, vec64, f64, x3)),
+                (f"normalize_{layout}", name, (x3, stat_vec, stat_vec, vec, vec, b, b, b, x3)),
+                (
+                    f"input_grad_{layout}",
+                    name,
+                    (x3, x3, stat_vec, stat_vec, vec, b, vec64, vec64, f64, x3),
+                ),
             ]
         out += [
             # eval mode: running statistics of the parameters' dtype become mean/invstd
@@ -58,15 +60,21 @@ def signatures() -> list[tuple[str, str, tuple]]:
             ("update_running_stats", name, (vec, vec, stat_vec, stat_vec, f64, f64)),
             ("copy_strided", name, (_array(dtype, 8), _array(dtype, 8))),
             ("merge_stat_partials", name, (x3, part_n, part, part, vec64, vec64)),
-            ("merge_and_finish_stats", name,
-             (x3, part_n, part, part, f64, f64, stat_vec, stat_vec, stat_vec)),
+            (
+                "merge_and_finish_stats",
+                name,
+                (x3, part_n, part, part, f64, f64, stat_vec, stat_vec, stat_vec),
+            ),
         ]
     for name in ("float32", "float64"):
         part = _array(FLOATS[name], 2)
         out += [
             ("sum_partials", name, (part, part, vec64, vec64)),
-            ("finish_stats", f"{name} batch", (vec64, vec64, f64, f64) + (_array(FLOATS[name],
-                                                                                  1),) * 3),
+            (
+                "finish_stats",
+                f"{name} batch",
+                (vec64, vec64, f64, f64) + (_array(FLOATS[name], 1),) * 3,
+            ),
         ]
     return out
 
@@ -131,18 +139,29 @@ def check(ccs=DEFAULT_CCS) -> dict:
                     error = None
                 except Exception as exc:
                     error = f"{type(exc).__name__}: {exc}"
-                results.append({"kernel": kernel_name, "dtype": dtype_name, "cc": list(cc),
-                                "error": error, "seconds": time.perf_counter() - start})
+                results.append(
+                    {
+                        "kernel": kernel_name,
+                        "dtype": dtype_name,
+                        "cc": list(cc),
+                        "error": error,
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
     return {"skipped": None, "results": results}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cc", action="append", default=None, metavar="MAJOR.MINOR",
-                        help="compute capability (repeatable; default 9.0 and 7.5)")
+    parser.add_argument(
+        "--cc",
+        action="append",
+        default=None,
+        metavar="MAJOR.MINOR",
+        help="compute capability (repeatable; default 9.0 and 7.5)",
+    )
     args = parser.parse_args(argv)
-    ccs = (tuple(tuple(int(p) for p in cc.split(".")) for cc in args.cc) if args.cc
-           else DEFAULT_CCS)
+    ccs = tuple(tuple(int(p) for p in cc.split(".")) for cc in args.cc) if args.cc else DEFAULT_CCS
     report = check(ccs)
     json.dump(report, sys.stdout)
     sys.stdout.write("\n")

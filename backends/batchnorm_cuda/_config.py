@@ -51,8 +51,14 @@ class LaunchConfig:
 
 
 DEVICE = LaunchConfig()
-SIMULATOR = LaunchConfig(threads_per_block=8, channel_tile=4, blocks_per_sm=4, max_splits=4,
-                         max_grid_blocks=4, per_channel_threads=8)
+SIMULATOR = LaunchConfig(
+    threads_per_block=8,
+    channel_tile=4,
+    blocks_per_sm=4,
+    max_splits=4,
+    max_grid_blocks=4,
+    per_channel_threads=8,
+)
 
 
 def _pow2_at_least(n: int, cap: int) -> int:
@@ -68,8 +74,9 @@ class Launch:
     block: tuple[int, int]
 
 
-def reduction_launch(config: LaunchConfig, shape3: tuple[int, int, int], multiprocessors: int,
-                     channels_last: bool) -> Launch:
+def reduction_launch(
+    config: LaunchConfig, shape3: tuple[int, int, int], multiprocessors: int, channels_last: bool
+) -> Launch:
     """Grid ``(channel tiles, splits)`` and block ``(bx, by)`` of a statistics reduction.
 
     Channels-first: one channel per block, ``bx`` threads along the contiguous inner axis
@@ -91,8 +98,9 @@ def reduction_launch(config: LaunchConfig, shape3: tuple[int, int, int], multipr
     return Launch((max(tiles, 1), splits), (bx, by))
 
 
-def elementwise_launch(config: LaunchConfig, shape3: tuple[int, int, int],
-                       channels_last: bool) -> Launch:
+def elementwise_launch(
+    config: LaunchConfig, shape3: tuple[int, int, int], channels_last: bool
+) -> Launch:
     """Grid and block of an elementwise pass.
 
     Channels-first: grid ``(row blocks, 1)`` over the ``outer * C`` rows, ``bx`` threads

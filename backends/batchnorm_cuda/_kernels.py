@@ -73,8 +73,14 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
         half = threads // 2
         while half >= keep:
             if tid < half:
-                n, mean, m2 = chan_merge(sh_n[tid], sh_mean[tid], sh_m2[tid], sh_n[tid + half],
-                                         sh_mean[tid + half], sh_m2[tid + half])
+                n, mean, m2 = chan_merge(
+                    sh_n[tid],
+                    sh_mean[tid],
+                    sh_m2[tid],
+                    sh_n[tid + half],
+                    sh_mean[tid + half],
+                    sh_m2[tid + half],
+                )
                 sh_n[tid] = n
                 sh_mean[tid] = mean
                 sh_m2[tid] = m2
@@ -125,8 +131,9 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
         n, mean, m2 = int64(0), acc(0), acc(0)
         if c < x.shape[1]:
             shift = acc(x[0, c, 0])
-            for m in range(int64(cuda.blockIdx.y) * by + ty, x.shape[0],
-                           int64(cuda.gridDim.y) * by):
+            for m in range(
+                int64(cuda.blockIdx.y) * by + ty, x.shape[0], int64(cuda.gridDim.y) * by
+            ):
                 for k in range(x.shape[2]):
                     n, mean, m2 = welford_add(n, mean, m2, acc(x[m, c, k]) - shift)
         tid = ty * bx + tx
@@ -171,8 +178,9 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
         sum_dy, sum_dy_xmu = acc(0), acc(0)
         if c < x.shape[1]:
             mu = acc(mean[c])
-            for m in range(int64(cuda.blockIdx.y) * by + ty, x.shape[0],
-                           int64(cuda.gridDim.y) * by):
+            for m in range(
+                int64(cuda.blockIdx.y) * by + ty, x.shape[0], int64(cuda.gridDim.y) * by
+            ):
                 for k in range(x.shape[2]):
                     g = acc(dy[m, c, k])
                     sum_dy += g
@@ -195,30 +203,36 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
         return center, scale, shift
 
     @cuda.jit
-    def normalize_channels_first(x, mean, invstd, weight, bias, has_mean, has_weight, has_bias,
-                                 out):
+    def normalize_channels_first(
+        x, mean, invstd, weight, bias, has_mean, has_weight, has_bias, out
+    ):
         channels = x.shape[1]
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         bx, by = cuda.blockDim.x, cuda.blockDim.y
-        for row in range(int64(cuda.blockIdx.x) * by + ty, x.shape[0] * channels,
-                         int64(cuda.gridDim.x) * by):
+        for row in range(
+            int64(cuda.blockIdx.x) * by + ty, x.shape[0] * channels, int64(cuda.gridDim.x) * by
+        ):
             m = row // channels
             c = row - m * channels
-            center, scale, shift = affine(c, mean, invstd, weight, bias, has_mean, has_weight,
-                                          has_bias)
+            center, scale, shift = affine(
+                c, mean, invstd, weight, bias, has_mean, has_weight, has_bias
+            )
             for k in range(tx, x.shape[2], bx):
                 out[m, c, k] = (acc(x[m, c, k]) - center) * scale + shift
 
     @cuda.jit
-    def normalize_channels_last(x, mean, invstd, weight, bias, has_mean, has_weight, has_bias,
-                                out):
+    def normalize_channels_last(
+        x, mean, invstd, weight, bias, has_mean, has_weight, has_bias, out
+    ):
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         bx, by = cuda.blockDim.x, cuda.blockDim.y
         for c in range(int64(cuda.blockIdx.x) * bx + tx, x.shape[1], int64(cuda.gridDim.x) * bx):
-            center, scale, shift = affine(c, mean, invstd, weight, bias, has_mean, has_weight,
-                                          has_bias)
-            for m in range(int64(cuda.blockIdx.y) * by + ty, x.shape[0],
-                           int64(cuda.gridDim.y) * by):
+            center, scale, shift = affine(
+                c, mean, invstd, weight, bias, has_mean, has_weight, has_bias
+            )
+            for m in range(
+                int64(cuda.blockIdx.y) * by + ty, x.shape[0], int64(cuda.gridDim.y) * by
+            ):
                 for k in range(x.shape[2]):
                     out[m, c, k] = (acc(x[m, c, k]) - center) * scale + shift
 
@@ -232,34 +246,42 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
         return acc(mean[c]), scale, mean_dy, xmu_coef
 
     @cuda.jit
-    def input_grad_channels_first(dy, x, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu,
-                                  inv_count, out):
+    def input_grad_channels_first(
+        dy, x, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, inv_count, out
+    ):
         channels = x.shape[1]
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         bx, by = cuda.blockDim.x, cuda.blockDim.y
-        for row in range(int64(cuda.blockIdx.x) * by + ty, x.shape[0] * channels,
-                         int64(cuda.gridDim.x) * by):
+        for row in range(
+            int64(cuda.blockIdx.x) * by + ty, x.shape[0] * channels, int64(cuda.gridDim.x) * by
+        ):
             m = row // channels
             c = row - m * channels
             mu, scale, mean_dy, xmu_coef = grad_coefficients(
-                c, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, acc(inv_count))
+                c, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, acc(inv_count)
+            )
             for k in range(tx, x.shape[2], bx):
-                out[m, c, k] = (acc(dy[m, c, k]) - mean_dy
-                                - (acc(x[m, c, k]) - mu) * xmu_coef) * scale
+                out[m, c, k] = (
+                    acc(dy[m, c, k]) - mean_dy - (acc(x[m, c, k]) - mu) * xmu_coef
+                ) * scale
 
     @cuda.jit
-    def input_grad_channels_last(dy, x, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu,
-                                 inv_count, out):
+    def input_grad_channels_last(
+        dy, x, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, inv_count, out
+    ):
         tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
         bx, by = cuda.blockDim.x, cuda.blockDim.y
         for c in range(int64(cuda.blockIdx.x) * bx + tx, x.shape[1], int64(cuda.gridDim.x) * bx):
             mu, scale, mean_dy, xmu_coef = grad_coefficients(
-                c, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, acc(inv_count))
-            for m in range(int64(cuda.blockIdx.y) * by + ty, x.shape[0],
-                           int64(cuda.gridDim.y) * by):
+                c, mean, invstd, weight, has_weight, sum_dy, sum_dy_xmu, acc(inv_count)
+            )
+            for m in range(
+                int64(cuda.blockIdx.y) * by + ty, x.shape[0], int64(cuda.gridDim.y) * by
+            ):
                 for k in range(x.shape[2]):
-                    out[m, c, k] = (acc(dy[m, c, k]) - mean_dy
-                                    - (acc(x[m, c, k]) - mu) * xmu_coef) * scale
+                    out[m, c, k] = (
+                        acc(dy[m, c, k]) - mean_dy - (acc(x[m, c, k]) - mu) * xmu_coef
+                    ) * scale
 
     return SimpleNamespace(
         stats_channels_first=stats_channels_first,
@@ -286,8 +308,14 @@ def channel_kernels() -> SimpleNamespace:
     def merged_stats(x, part_n, part_mean, part_m2, c):
         n, mean, m2 = int64(0), float64(0), float64(0)
         for split in range(part_n.shape[0]):
-            n, mean, m2 = chan_merge(n, mean, m2, part_n[split, c], float64(part_mean[split, c]),
-                                     float64(part_m2[split, c]))
+            n, mean, m2 = chan_merge(
+                n,
+                mean,
+                m2,
+                part_n[split, c],
+                float64(part_mean[split, c]),
+                float64(part_m2[split, c]),
+            )
         shift = float64(x[0, c, 0]) if x.size > 0 else 0.0
         return shift + mean, m2
 
@@ -299,8 +327,9 @@ def channel_kernels() -> SimpleNamespace:
 
     # merge_stat_partials and finish_stats in one launch, for forward_train
     @cuda.jit
-    def merge_and_finish_stats(x, part_n, part_mean, part_m2, count, eps, mean_out, var_out,
-                               invstd_out):
+    def merge_and_finish_stats(
+        x, part_n, part_mean, part_m2, count, eps, mean_out, var_out, invstd_out
+    ):
         c = cuda.grid(1)
         if c < mean_out.shape[0]:
             mean, m2 = merged_stats(x, part_n, part_mean, part_m2, c)
@@ -337,14 +366,14 @@ def channel_kernels() -> SimpleNamespace:
             dbias[c] = sum_dy[c]
 
     @cuda.jit
-    def update_running_stats(running_mean, running_var, batch_mean, batch_var, unbias,
-                             momentum):
+    def update_running_stats(running_mean, running_var, batch_mean, batch_var, unbias, momentum):
         c = cuda.grid(1)
         if c < running_mean.shape[0]:
             keep = 1.0 - momentum
             running_mean[c] = keep * float64(running_mean[c]) + momentum * float64(batch_mean[c])
-            running_var[c] = (keep * float64(running_var[c])
-                              + momentum * float64(batch_var[c]) * unbias)
+            running_var[c] = (
+                keep * float64(running_var[c]) + momentum * float64(batch_var[c]) * unbias
+            )
 
     @cuda.jit
     def copy_strided(dst, src):
