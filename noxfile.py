@@ -42,11 +42,10 @@ print("ok" if info.available else info.reason)
 @nox.session(venv_params=VENV_PARAMS)
 @nox.parametrize("backend", list(BACKENDS))
 def tests(session: nox.Session, backend: str) -> None:
-    """The test suite with the backend fixture restricted to one backend.
+    """The test suite with one backend: the fixture's and the default for automatic calls.
 
-    Selected with ``pytest --backend NAME`` rather than ``BATCHNORM_BACKEND``: the variable
-    would also override the automatic choice in every other test (sending NumPy arrays to
-    ``cuda``, breaking the dispatch tests), while only the backend under test should change.
+    ``BATCHNORM_BACKEND`` makes the backend the session-wide choice (tests of the automatic
+    selection clear it for themselves); ``--backend`` restricts the ``backend`` fixture.
     """
     name, extras, env = BACKENDS[backend]
     # The plugin tests build tests/example_plugin without build isolation, and the setuptools
@@ -60,7 +59,7 @@ def tests(session: nox.Session, backend: str) -> None:
     # session whose backend silently never ran must fail, not pass.
     tested = Path(session.create_tmp()) / "tested-backends.txt"
     tested.unlink(missing_ok=True)
-    env = {**env, "BATCHNORM_TESTED_BACKENDS_FILE": str(tested)}
+    env = {**env, "BATCHNORM_BACKEND": name, "BATCHNORM_TESTED_BACKENDS_FILE": str(tested)}
     session.run("python", "-m", "pytest", "--backend", name, *session.posargs, env=env)
     exercised = tested.read_text().split() if tested.exists() else []
     if name not in exercised:
