@@ -64,7 +64,7 @@ def _train_step(x, axis, backend, seed=1):
 NAMES = "y mean invstd running_mean running_var dx dweight dbias y_eval".split()
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize(("shape", "axis", "path"), PARALLEL_CASES,
                          ids=[c[2] for c in PARALLEL_CASES])
 def test_parallel_paths_match_reference(shape, axis, path, dtype):
@@ -102,6 +102,64 @@ def test_variance_of_offset_data_is_exact(dtype):
     assert_close(invstd, invstd_ref, dtype, "invstd")
 
 
+# -- float16 conversions in the kernels --------------------------------------------------
+
+def _kernel_conversions():
+    """Jitted loops over the kernels' float16 element access (widen, store)."""
+    from batchnorm_numba._kernels import store, widen
+    from numba import njit
+
+    @njit
+    def widen_all(bits, out):
+        for i in range(bits.size):
+            out[i] = widen(bits[i])
+
+    @njit
+    def store_all(values, out):
+        for i in range(values.size):
+            store(out, i, values[i])
+
+    return widen_all, store_all
+
+
+def _same_bits_or_both_nan(actual, expected):
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    np.testing.assert_array_equal(np.signbit(actual), np.signbit(expected))
+    assert actual[~nan].tobytes() == expected[~nan].tobytes()
+
+
+def test_float16_to_float32_matches_numpy_for_every_bit_pattern():
+    widen_all, _ = _kernel_conversions()
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    widened = np.empty(bits.size, np.float32)
+    widen_all(bits, widened)
+    # NaN payloads may differ: the hardware conversion quiets signalling NaNs.
+    _same_bits_or_both_nan(widened, bits.view(np.float16).astype(np.float32))
+
+
+def test_float32_to_float16_rounds_like_numpy():
+    """Round to nearest even at every tie, next to it, and on random bit patterns."""
+    _, store_all = _kernel_conversions()
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    halves = halves[np.isfinite(halves)]
+    with np.errstate(over="ignore"):  # above 65504 comes inf (its tie, 65520, is below)
+        upper = np.nextafter(halves, np.inf).astype(np.float32)
+    lower = halves.astype(np.float32)
+    ties = lower + (upper - lower) / 2  # exact in float32: halves have 11 significant bits
+    random_bits = np.random.default_rng(5).integers(0, 1 << 32, 1 << 20, dtype=np.uint64)
+    values = np.concatenate([
+        lower, ties, np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf),
+        random_bits.astype(np.uint32).view(np.float32),
+        np.array([np.inf, -np.inf, np.nan, -np.nan, 65520.0, -65520.0, 1e-9, -1e-9],
+                 np.float32)])
+    stored = np.empty(values.size, np.uint16)
+    store_all(values, stored)
+    with np.errstate(over="ignore"):
+        expected = values.astype(np.float16)
+    _same_bits_or_both_nan(stored.view(np.float16), expected)
+
+
 # -- determinism across thread counts ------------------------------------------------------
 
 _DETERMINISM_SCRIPT = textwrap.dedent("""
@@ -112,7 +170,7 @@ _DETERMINISM_SCRIPT = textwrap.dedent("""
     from test_numba import PARALLEL_CASES, _data, _train_step
     results = {{}}
     for i, (shape, axis, _) in enumerate(PARALLEL_CASES):
-        for dtype in (np.float32, np.float64):
+        for dtype in (np.float16, np.float32, np.float64):
             out = _train_step(_data(shape, dtype, offset=3.0), axis, "numba")
             for j, a in enumerate(out):
                 results[f"{{i}}-{{np.dtype(dtype).name}}-{{j}}"] = a
@@ -129,7 +187,8 @@ def _run_python(script, env_update, *args, timeout=600):
 def test_results_are_bit_identical_for_1_and_2_threads(tmp_path):
     # The parent compiles first, so the children load the kernels from Numba's cache.
     for shape, axis, _ in PARALLEL_CASES:
-        _train_step(_data(shape, np.float32, offset=3.0), axis, "numba")
+        for dtype in (np.float16, np.float32, np.float64):
+            _train_step(_data(shape, dtype, offset=3.0), axis, "numba")
     script = _DETERMINISM_SCRIPT.format(tests=os.path.dirname(__file__))
     files = {}
     for threads in ("1", "2"):

@@ -5,8 +5,8 @@ in Numba's cache (``__pycache__`` beside the sources, or ``NUMBA_CACHE_DIR``) so
 process loads them in well under a second instead of compiling (about 40 s for the
 float32 kernels). Two layouts of the core's ``(M, C, L)`` view have kernels of their own:
 channels-first (``L > 1``: rows of one channel) and channels-last (``L == 1``: vectorised
-across channels). Inputs whose view is not C-contiguous, and float16 inputs (Numba has no
-float16 arithmetic on the CPU; they are computed in float32), are copied once.
+across channels). Inputs whose view is not C-contiguous are copied once. float16 arrays
+reach the kernels as their bits and are computed in float32, converted in registers.
 
 Work is cut into tiles that depend only on the shape, never on the number of threads, and
 partial results are merged serially in tile order, so results are bit-identical for any
@@ -110,29 +110,42 @@ def _kernel_view(a3: np.ndarray) -> np.ndarray:
     return a3
 
 
+#: The dtype a kernel sees for each input dtype: float16 as its uint16 bits (Numba has no
+#: float16 type on the CPU; the kernels convert in registers and compute in float32).
+_KERNEL_DTYPES = {np.dtype(np.float16): np.dtype(np.uint16),
+                  np.dtype(np.float32): np.dtype(np.float32),
+                  np.dtype(np.float64): np.dtype(np.float64)}
+
+
+def _kernel_dtype(dtype: Any) -> np.dtype:
+    return _KERNEL_DTYPES.get(np.dtype(dtype), np.dtype(np.float32))
+
+
 def _input(a3: np.ndarray) -> np.ndarray:
-    """Kernel view of an input, copied if it is float16 or not C-contiguous.
+    """Kernel view of an input, copied if it is not C-contiguous (or not a float dtype).
 
-    Numba has no float16 arithmetic on the CPU, and other strides would each compile (and
-    run unvectorised) kernels of their own: one copy is cheaper.
+    Other strides would each compile (and run unvectorised) kernels of their own: one copy
+    is cheaper.
     """
-    return np.ascontiguousarray(_kernel_view(a3), dtype=_compute_dtype(a3.dtype))
+    view = _kernel_view(a3)
+    if view.dtype in _KERNEL_DTYPES:
+        return np.ascontiguousarray(view).view(_KERNEL_DTYPES[view.dtype])
+    return np.ascontiguousarray(view, dtype=np.float32)
 
 
-def _output(out3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(out, view)``: where a kernel writes ``out3``, and its kernel view.
-
-    ``out`` is the view itself, or a buffer that :func:`_publish` copies into the view.
+def _output(out3: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(out, pending)``: the array a kernel writes, and the view :func:`_publish` copies
+    it into afterwards (None when the kernel writes ``out3`` in place).
     """
     view = _kernel_view(out3)
-    if view.dtype == _compute_dtype(view.dtype) and view.flags.c_contiguous:
-        return view, view
-    return np.empty(view.shape, dtype=_compute_dtype(view.dtype)), view
+    if view.dtype in _KERNEL_DTYPES and view.flags.c_contiguous:
+        return view.view(_KERNEL_DTYPES[view.dtype]), None
+    return np.empty(view.shape, dtype=_kernel_dtype(view.dtype)), view
 
 
-def _publish(out: np.ndarray, view: np.ndarray) -> None:
-    if out is not view:
-        view[...] = out
+def _publish(out: np.ndarray, pending: np.ndarray | None) -> None:
+    if pending is not None:
+        pending[...] = out.view(np.float16) if out.dtype == np.uint16 else out
 
 
 def _tiling(x: np.ndarray) -> tuple[int, ...]:
@@ -208,10 +221,10 @@ class NumbaBackend(Backend):
         x = _input(x3)
         parallel = _is_parallel(x.size)
         kernel = kernels.cols_normalize if x.ndim == 2 else kernels.rows_normalize
-        out, view = _output(out3)
+        out, pending = _output(out3)
         with _launch(parallel):
             kernel(x, shift, scale, offset, out, *_tiling(x), parallel)
-        _publish(out, view)
+        _publish(out, pending)
 
     def input_grad(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3):
         channels = x3.shape[1]
@@ -227,19 +240,19 @@ class NumbaBackend(Backend):
         x, dy = _input(x3), _input(dy3)
         parallel = _is_parallel(x.size)
         kernel = kernels.cols_input_grad if x.ndim == 2 else kernels.rows_input_grad
-        out, view = _output(out3)
+        out, pending = _output(out3)
         with _launch(parallel):
             kernel(dy, x, coefs, out, *_tiling(x), parallel)
-        _publish(out, view)
+        _publish(out, pending)
 
     # -- fused: one kernel call each ------------------------------------------------------------
     def forward_train(self, x3, weight, bias, eps, out3, stat_dtype):
         x = _input(x3)
         channels = x3.shape[1]
         weight64 = _vector(weight, 1.0, channels)
-        offset = _vector(bias, 0.0, channels, x.dtype)
+        offset = _vector(bias, 0.0, channels, _compute_dtype(x3.dtype))
         parallel = _is_parallel(x.size)
-        out, view = _output(out3)
+        out, pending = _output(out3)
         with _launch(parallel):
             if x.ndim == 2:
                 stats = kernels.cols_forward_train(x, weight64, offset, eps, out, *_tiling(x),
@@ -248,7 +261,7 @@ class NumbaBackend(Backend):
                 stats = kernels.rows_forward_train(x, weight64, offset, eps, out,
                                                    config.TILE_ELEMENTS,
                                                    _resident(x, arrays=1), parallel)
-        _publish(out, view)
+        _publish(out, pending)
         return tuple(s.astype(stat_dtype, copy=False) for s in stats)
 
     def backward_train(self, dy3, x3, mean, invstd, weight, out3):
@@ -258,7 +271,7 @@ class NumbaBackend(Backend):
         invstd64 = _vector(invstd, 1.0, channels)
         weight64 = _vector(weight, 1.0, channels)
         parallel = _is_parallel(x.size)
-        out, view = _output(out3)
+        out, pending = _output(out3)
         with _launch(parallel):
             if x.ndim == 2:
                 sums = kernels.cols_backward_train(dy, x, mean64, invstd64, weight64, out,
@@ -267,5 +280,5 @@ class NumbaBackend(Backend):
                 sums = kernels.rows_backward_train(dy, x, mean64, invstd64, weight64, out,
                                                    config.TILE_ELEMENTS,
                                                    _resident(x, arrays=2), parallel)
-        _publish(out, view)
+        _publish(out, pending)
         return sums

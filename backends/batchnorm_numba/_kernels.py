@@ -10,19 +10,21 @@ threads, and partials are merged serially in tile order, so results are bit-iden
 any ``NUMBA_NUM_THREADS``. Each tile's mean and M2 are exact two-pass sums in float64
 (the second pass reads the tile from cache); tiles are merged with Chan's formula.
 
-Arrays reach the kernels C-contiguous, in float32 or float64 (the caller copies other
-strides and float16), so each kernel compiles for two signatures only. Per-channel vectors
-are float64 (``*64``) or in the dtype of ``out``. Kernels with a ``parallel`` argument run
-the same tiles in a plain loop when it is False (small inputs, forked children of a GNU
-OpenMP process). The fused ``*_forward_train``/``*_backward_train`` kernels are one call
-per operation (each call through Numba's dispatcher costs microseconds); with ``resident``
-they run one task per channel, for channels that fit in L2, so their second pass reads from
-cache; otherwise their second pass takes the tiles last to first, starting with those
-still in cache.
+Arrays reach the kernels C-contiguous (the caller copies other strides), in float32,
+float64, or float16 as uint16 bits (see :func:`widen`), computed in float32. Per-channel
+vectors are float64 (``*64``) or in the compute dtype of ``out``. Kernels with a
+``parallel`` argument run the same tiles in a plain loop when it is False (small inputs,
+forked children of a GNU OpenMP process). The fused
+``*_forward_train``/``*_backward_train`` kernels are one call per operation (each call
+through Numba's dispatcher costs microseconds); with ``resident`` they run one task per
+channel, for channels that fit in L2, so their second pass reads from cache; otherwise
+their second pass takes the tiles last to first, starting with those still in cache.
 """
 
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
 
 # "reassoc" lets LLVM vectorise the reductions; the order it picks is fixed at compile time,
 # so results stay deterministic. "numpy" errors: 1 / 0 gives inf, not ZeroDivisionError.
@@ -34,6 +36,78 @@ _helper = njit(**_OPTIONS)
 _PARALLEL = {"prange": True, "comprehension": False, "reduction": False, "numpy": False,
              "stencil": False, "fusion": False, "setitem": False, "inplace_binop": False}
 _kernel = njit(parallel=_PARALLEL, **_OPTIONS)
+
+
+# -- float16 elements -------------------------------------------------------------------------
+# Numba has no float16 type on the CPU, so float16 arrays reach the kernels as their uint16
+# bits. LLVM's half type converts them in registers (F16C's vcvtph2ps/vcvtps2ph where the
+# CPU has them): IEEE conversions, round-to-nearest-even on the way back, subnormals,
+# infinities and NaN included. Every element access goes through widen/store, which are
+# the identity for float32 and float64 arrays.
+
+@intrinsic
+def half_to_float(typingctx, bits):
+    """float32 value of float16 ``bits`` (a uint16)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def float_to_half(typingctx, value):
+    """float16 bits (a uint16) of a float32 value, rounded to nearest even."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+def widen(element):
+    """An array element as computed: float16 bits as float32, float32/float64 unchanged."""
+    return element
+
+
+@overload(widen, jit_options={"cache": True})
+def _widen(element):
+    if element == types.uint16:
+        return lambda element: half_to_float(element)
+    return lambda element: element
+
+
+def store(out, i, value):
+    """``out[i] = value``, as float16 bits where ``out`` holds them."""
+    out[i] = value
+
+
+@overload(store, jit_options={"cache": True})
+def _store(out, i, value):
+    if out.dtype == types.uint16:
+        def store_half(out, i, value):
+            out[i] = float_to_half(np.float32(value))
+        return store_half
+
+    def store_value(out, i, value):
+        out[i] = value
+    return store_value
+
+
+def compute_empty(shape, like):
+    """An empty array in the compute dtype of ``like``'s elements (float32 for float16)."""
+    return np.empty(shape, like.dtype)
+
+
+@overload(compute_empty, jit_options={"cache": True})
+def _compute_empty(shape, like):
+    if like.dtype == types.uint16:
+        return lambda shape, like: np.empty(shape, np.float32)
+    return lambda shape, like: np.empty(shape, like.dtype)
 
 
 @_helper
@@ -97,14 +171,14 @@ def row_tile_mean_m2(x3, c, m0, m1, l0, l1):
     for m in range(m0, m1):
         row = x3[m, c, l0:l1]
         for i in range(row.size):
-            total += row[i]
+            total += widen(row[i])
     n = (m1 - m0) * (l1 - l0)
     mean = total / n
     m2 = 0.0
     for m in range(m0, m1):
         row = x3[m, c, l0:l1]
         for i in range(row.size):
-            dev = row[i] - mean
+            dev = widen(row[i]) - mean
             m2 += dev * dev
     return np.float64(n), mean, m2
 
@@ -126,7 +200,7 @@ def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3):
         row = x3[m, c, l0:l1]
         out = out3[m, c, l0:l1]
         for i in range(row.size):
-            out[i] = (row[i] - shift) * scale + offset
+            store(out, i, (widen(row[i]) - shift) * scale + offset)
 
 
 @_helper
@@ -137,9 +211,9 @@ def row_tile_grad_sums(dy3, x3, c, m0, m1, l0, l1, mean):
         dy_row = dy3[m, c, l0:l1]
         row = x3[m, c, l0:l1]
         for i in range(row.size):
-            dy = np.float64(dy_row[i])
+            dy = np.float64(widen(dy_row[i]))
             sum_dy += dy
-            sum_dy_xmu += dy * (row[i] - mean)
+            sum_dy_xmu += dy * (widen(row[i]) - mean)
     return sum_dy, sum_dy_xmu
 
 
@@ -150,7 +224,7 @@ def row_tile_input_grad(dy3, x3, c, m0, m1, l0, l1, mean, mean_dy, coef, scale, 
         row = x3[m, c, l0:l1]
         out = out3[m, c, l0:l1]
         for i in range(row.size):
-            out[i] = (dy_row[i] - mean_dy - (row[i] - mean) * coef) * scale
+            store(out, i, (widen(dy_row[i]) - mean_dy - (widen(row[i]) - mean) * coef) * scale)
 
 
 @_helper
@@ -234,10 +308,10 @@ def rows_forward_train(x3, weight64, offset, eps, out3, tile, resident, parallel
     """
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
-    mean_out = np.empty(C, dtype=out3.dtype)
-    var_out = np.empty(C, dtype=out3.dtype)
-    invstd_out = np.empty(C, dtype=out3.dtype)
-    scale = np.empty(C, dtype=out3.dtype)
+    mean_out = compute_empty(C, out3)
+    var_out = compute_empty(C, out3)
+    invstd_out = compute_empty(C, out3)
+    scale = compute_empty(C, out3)
     if resident:
         for c in prange(C):
             row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset,
@@ -349,7 +423,7 @@ def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile, residen
     """Fused gradient sums and dx; returns float64 sums. ``resident`` as in the forward."""
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
-    coefs = np.empty((4, C), dtype=out3.dtype)
+    coefs = compute_empty((4, C), out3)
     sum_dy = np.zeros(C)
     sum_dy_xmu = np.zeros(C)
     if resident:
@@ -419,23 +493,24 @@ def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
     for m in range(m0, quads, 4):
         r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
         for c in range(mean.size):
-            mean[c] += (np.float64(r0[c]) + r1[c]) + (np.float64(r2[c]) + r3[c])
+            mean[c] += ((np.float64(widen(r0[c])) + widen(r1[c]))
+                        + (np.float64(widen(r2[c])) + widen(r3[c])))
     for m in range(quads, m1):
         row = x2[m, c0:c1]
         for c in range(row.size):
-            mean[c] += row[c]
+            mean[c] += widen(row[c])
     for c in range(mean.size):
         mean[c] /= m1 - m0
     for m in range(m0, quads, 4):
         r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
         for c in range(mean.size):
-            d0, d1 = r0[c] - mean[c], r1[c] - mean[c]
-            d2, d3 = r2[c] - mean[c], r3[c] - mean[c]
+            d0, d1 = widen(r0[c]) - mean[c], widen(r1[c]) - mean[c]
+            d2, d3 = widen(r2[c]) - mean[c], widen(r3[c]) - mean[c]
             m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
     for m in range(quads, m1):
         row = x2[m, c0:c1]
         for c in range(row.size):
-            dev = row[c] - mean[c]
+            dev = widen(row[c]) - mean[c]
             m2[c] += dev * dev
 
 
@@ -487,7 +562,7 @@ def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2
         row = x2[m, c0:c1]
         out = out2[m, c0:c1]
         for c in range(row.size):
-            out[c] = (row[c] - shift[c]) * scale[c] + offset[c]
+            store(out, c, (widen(row[c]) - shift[c]) * scale[c] + offset[c])
 
 
 @_kernel
@@ -520,10 +595,10 @@ def cols_forward_train(x2, weight64, offset, eps, out2, tile, column_block, min_
         for t in range(tasks):
             col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
     mean, m2 = col_merge(means, m2s, M, rows)
-    mean_out = np.empty(C, dtype=out2.dtype)
-    var_out = np.empty(C, dtype=out2.dtype)
-    invstd_out = np.empty(C, dtype=out2.dtype)
-    scale = np.empty(C, dtype=out2.dtype)
+    mean_out = compute_empty(C, out2)
+    var_out = compute_empty(C, out2)
+    invstd_out = compute_empty(C, out2)
+    scale = compute_empty(C, out2)
     for c in range(C):
         finish_channel(c, M, mean[c], m2[c], eps, weight64, mean_out, var_out, invstd_out, scale)
     if parallel:
@@ -552,18 +627,19 @@ def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, s
         g0, g1, g2, g3 = dy2[m, c0:c1], dy2[m + 1, c0:c1], dy2[m + 2, c0:c1], dy2[m + 3, c0:c1]
         r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
         for c in range(mean.size):
-            dy0, dy1 = np.float64(g0[c]), np.float64(g1[c])
-            dy2_, dy3 = np.float64(g2[c]), np.float64(g3[c])
+            dy0, dy1 = np.float64(widen(g0[c])), np.float64(widen(g1[c]))
+            dy2_, dy3 = np.float64(widen(g2[c])), np.float64(widen(g3[c]))
             sum_dy[c] += (dy0 + dy1) + (dy2_ + dy3)
-            sum_dy_xmu[c] += ((dy0 * (r0[c] - mean[c]) + dy1 * (r1[c] - mean[c]))
-                              + (dy2_ * (r2[c] - mean[c]) + dy3 * (r3[c] - mean[c])))
+            sum_dy_xmu[c] += ((dy0 * (widen(r0[c]) - mean[c]) + dy1 * (widen(r1[c]) - mean[c]))
+                              + (dy2_ * (widen(r2[c]) - mean[c])
+                                 + dy3 * (widen(r3[c]) - mean[c])))
     for m in range(quads, m1):
         dy_row = dy2[m, c0:c1]
         row = x2[m, c0:c1]
         for c in range(row.size):
-            dy = np.float64(dy_row[c])
+            dy = np.float64(widen(dy_row[c]))
             sum_dy[c] += dy
-            sum_dy_xmu[c] += dy * (row[c] - mean[c])
+            sum_dy_xmu[c] += dy * (widen(row[c]) - mean[c])
 
 
 @_kernel
@@ -600,7 +676,8 @@ def col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2):
         row = x2[m, c0:c1]
         out = out2[m, c0:c1]
         for c in range(row.size):
-            out[c] = (dy_row[c] - mean_dy[c] - (row[c] - mean[c]) * coef[c]) * scale[c]
+            store(out, c, (widen(dy_row[c]) - mean_dy[c] - (widen(row[c]) - mean[c]) * coef[c])
+                  * scale[c])
 
 
 @_kernel
@@ -638,7 +715,7 @@ def cols_backward_train(dy2, x2, mean64, invstd64, weight64, out2, tile, column_
         for c in range(C):
             sum_dy[c] += sums_dy[block, c]
             sum_dy_xmu[c] += sums_dy_xmu[block, c]
-    coefs = np.empty((4, C), dtype=out2.dtype)
+    coefs = compute_empty((4, C), out2)
     for c in range(C):
         grad_coefficients(c, M, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64, coefs)
     if parallel:
