@@ -102,6 +102,25 @@ def test_variance_of_offset_data_is_exact(dtype):
     assert_close(invstd, invstd_ref, dtype, "invstd")
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_compiled_per_channel_steps_match_the_default(dtype):
+    """finish_stats and update_running_stats (compiled loops) against the protocol's NumPy ones."""
+    backend = bn.get_backend("numba")
+    mean = np.array([1.5, -2.0, 0.0, np.nan], dtype)
+    m2 = np.array([4.0, -1e-3, 0.0, 1.0], dtype)  # a negative M2 clamps to a zero variance
+    for actual, expected in zip(backend.finish_stats(mean, m2, 3, 1e-5, dtype),
+                                bn.Backend.finish_stats(backend, mean, m2, 3, 1e-5, dtype)):
+        assert actual.dtype == expected.dtype
+        assert_close(actual, expected, dtype, "finish_stats")
+    running = [np.array([0.5, 1.0, -1.0, 2.0], dtype), np.array([1.0, 2.0, 0.5, 1.0], dtype)]
+    default = [r.copy() for r in running]
+    backend.update_running_stats(*running, mean, m2, 10, 0.1)
+    bn.Backend.update_running_stats(backend, *default, mean, m2, 10, 0.1)
+    for actual, expected in zip(running, default):
+        assert actual.dtype == expected.dtype
+        assert_close(actual, expected, dtype, "update_running_stats")
+
+
 # -- float16 conversions in the kernels --------------------------------------------------
 
 def _kernel_conversions():

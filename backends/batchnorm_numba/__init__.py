@@ -171,6 +171,15 @@ def _vector(v: Any, fill: float, channels: int, dtype: Any = np.float64) -> np.n
     return np.ascontiguousarray(v, dtype=dtype)
 
 
+_NUMBA_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _numba_vectors(*vectors: Any) -> bool:
+    """Whether per-channel vectors go to a compiled loop: NumPy float32/float64 1-D arrays."""
+    return all(isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype in _NUMBA_FLOATS
+               for v in vectors)
+
+
 class NumbaBackend(Backend):
     """Parallel CPU backend compiled with Numba (``@njit(parallel=True)``).
 
@@ -194,6 +203,23 @@ class NumbaBackend(Backend):
 
     def devices(self) -> list[str]:
         return [f"cpu ({numba.config.NUMBA_NUM_THREADS} threads)"]
+
+    # -- per-channel steps: one compiled loop instead of several NumPy calls -------------------
+    def finish_stats(self, mean, m2, count, eps, stat_dtype):
+        if not _numba_vectors(mean, m2) or np.dtype(stat_dtype) not in _NUMBA_FLOATS:
+            return super().finish_stats(mean, m2, count, eps, stat_dtype)
+        stats = np.empty((3, mean.size), stat_dtype)
+        kernels.finish_stats(mean, m2, count, eps, stats)
+        return stats[0], stats[1], stats[2]
+
+    def update_running_stats(self, running_mean, running_var, batch_mean, batch_var, count,
+                             momentum):
+        if not _numba_vectors(running_mean, running_var, batch_mean, batch_var):
+            super().update_running_stats(running_mean, running_var, batch_mean, batch_var,
+                                         count, momentum)
+            return
+        kernels.update_running_stats(running_mean, running_var, batch_mean, batch_var,
+                                     momentum, momentum * count / (count - 1))
 
     # -- phase 1 ---------------------------------------------------------------------------
     def channel_stats(self, x3):
