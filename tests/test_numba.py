@@ -22,8 +22,9 @@ from batchnorm.testing import assert_close
 batchnorm_numba = pytest.importorskip("batchnorm_numba")
 from batchnorm_numba import _config  # noqa: E402
 
-pytestmark = pytest.mark.skipif("numba" not in bn.available_backends(),
-                                reason="the numba backend is not available")
+pytestmark = pytest.mark.skipif(
+    "numba" not in bn.available_backends(), reason="the numba backend is not available"
+)
 
 # (shape, axis, path): big enough for the parallel kernels, both layouts, C = 1, 3, 1024.
 PARALLEL_CASES = [
@@ -52,12 +53,14 @@ def _train_step(x, axis, backend, seed=1):
     bias = rng.standard_normal(channels).astype(x.dtype)
     running_mean = np.zeros(channels, x.dtype)
     running_var = np.ones(channels, x.dtype)
-    y, mean, invstd = bn.forward(x, weight, bias, running_mean, running_var, axis=axis,
-                                 backend=backend)
+    y, mean, invstd = bn.forward(
+        x, weight, bias, running_mean, running_var, axis=axis, backend=backend
+    )
     dy = _data(x.shape, x.dtype, seed=seed + 1)
     dx, dweight, dbias = bn.backward(dy, x, weight, mean, invstd, axis=axis, backend=backend)
-    y_eval, _, _ = bn.forward(x, weight, bias, running_mean, running_var, training=False,
-                              axis=axis, backend=backend)
+    y_eval, _, _ = bn.forward(
+        x, weight, bias, running_mean, running_var, training=False, axis=axis, backend=backend
+    )
     return y, mean, invstd, running_mean, running_var, dx, dweight, dbias, y_eval
 
 
@@ -65,8 +68,9 @@ NAMES = "y mean invstd running_mean running_var dx dweight dbias y_eval".split()
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-@pytest.mark.parametrize(("shape", "axis", "path"), PARALLEL_CASES,
-                         ids=[c[2] for c in PARALLEL_CASES])
+@pytest.mark.parametrize(
+    ("shape", "axis", "path"), PARALLEL_CASES, ids=[c[2] for c in PARALLEL_CASES]
+)
 def test_parallel_paths_match_reference(shape, axis, path, dtype):
     x = _data(shape, dtype, offset=3.0)
     assert x.size >= _config.SERIAL_ELEMENTS, "the case must take the parallel kernels"
@@ -108,8 +112,10 @@ def test_compiled_per_channel_steps_match_the_default(dtype):
     backend = bn.get_backend("numba")
     mean = np.array([1.5, -2.0, 0.0, np.nan], dtype)
     m2 = np.array([4.0, -1e-3, 0.0, 1.0], dtype)  # a negative M2 clamps to a zero variance
-    for actual, expected in zip(backend.finish_stats(mean, m2, 3, 1e-5, dtype),
-                                bn.Backend.finish_stats(backend, mean, m2, 3, 1e-5, dtype)):
+    for actual, expected in zip(
+        backend.finish_stats(mean, m2, 3, 1e-5, dtype),
+        bn.Backend.finish_stats(backend, mean, m2, 3, 1e-5, dtype),
+    ):
         assert actual.dtype == expected.dtype
         assert_close(actual, expected, dtype, "finish_stats")
     running = [np.array([0.5, 1.0, -1.0, 2.0], dtype), np.array([1.0, 2.0, 0.5, 1.0], dtype)]
@@ -122,6 +128,7 @@ def test_compiled_per_channel_steps_match_the_default(dtype):
 
 
 # -- float16 conversions in the kernels --------------------------------------------------
+
 
 def _kernel_conversions():
     """Jitted loops over the kernels' float16 element access (widen, store)."""
@@ -167,11 +174,18 @@ def test_float32_to_float16_rounds_like_numpy():
     lower = halves.astype(np.float32)
     ties = lower + (upper - lower) / 2  # exact in float32: halves have 11 significant bits
     random_bits = np.random.default_rng(5).integers(0, 1 << 32, 1 << 20, dtype=np.uint64)
-    values = np.concatenate([
-        lower, ties, np.nextafter(ties, np.inf), np.nextafter(ties, -np.inf),
-        random_bits.astype(np.uint32).view(np.float32),
-        np.array([np.inf, -np.inf, np.nan, -np.nan, 65520.0, -65520.0, 1e-9, -1e-9],
-                 np.float32)])
+    values = np.concatenate(
+        [
+            lower,
+            ties,
+            np.nextafter(ties, np.inf),
+            np.nextafter(ties, -np.inf),
+            random_bits.astype(np.uint32).view(np.float32),
+            np.array(
+                [np.inf, -np.inf, np.nan, -np.nan, 65520.0, -65520.0, 1e-9, -1e-9], np.float32
+            ),
+        ]
+    )
     stored = np.empty(values.size, np.uint16)
     store_all(values, stored)
     with np.errstate(over="ignore"):
@@ -199,8 +213,13 @@ _DETERMINISM_SCRIPT = textwrap.dedent("""
 
 def _run_python(script, env_update, *args, timeout=600):
     env = {**os.environ, **env_update}
-    return subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_results_are_bit_identical_for_1_and_2_threads(tmp_path):
@@ -254,8 +273,14 @@ def _layers():
         try:
             __import__(f"numba.np.ufunc.{module}")
         except ImportError as exc:
-            layers.append(pytest.param(name, marks=pytest.mark.skip(
-                reason=f"Numba's {name} threading layer is not available here: {exc}")))
+            layers.append(
+                pytest.param(
+                    name,
+                    marks=pytest.mark.skip(
+                        reason=f"Numba's {name} threading layer is not available here: {exc}"
+                    ),
+                )
+            )
         else:
             layers.append(name)
     return layers

@@ -2,8 +2,8 @@
 
 Kernels are compiled by Numba on first use, nothing at import; ``cache=True`` stores them
 in Numba's cache (``__pycache__`` beside the sources, or ``NUMBA_CACHE_DIR``) so a later
-process loads them in well under a second instead of compiling (about 40 s for the
-float32 kernels). Two layouts of the core's ``(M, C, L)`` view have kernels of their own:
+process loads them in about a second instead of compiling (about 40 s cold for the
+float32 kernels, and as long again for float16, which has kernels of its own). Two layouts of the core's ``(M, C, L)`` view have kernels of their own:
 channels-first (``L > 1``: rows of one channel) and channels-last (``L == 1``: vectorised
 across channels). Inputs whose view is not C-contiguous are copied once. float16 arrays
 reach the kernels as their bits and are computed in float32, converted in registers.
@@ -112,9 +112,11 @@ def _kernel_view(a3: np.ndarray) -> np.ndarray:
 
 #: The dtype a kernel sees for each input dtype: float16 as its uint16 bits (Numba has no
 #: float16 type on the CPU; the kernels convert in registers and compute in float32).
-_KERNEL_DTYPES = {np.dtype(np.float16): np.dtype(np.uint16),
-                  np.dtype(np.float32): np.dtype(np.float32),
-                  np.dtype(np.float64): np.dtype(np.float64)}
+_KERNEL_DTYPES = {
+    np.dtype(np.float16): np.dtype(np.uint16),
+    np.dtype(np.float32): np.dtype(np.float32),
+    np.dtype(np.float64): np.dtype(np.float64),
+}
 
 
 def _kernel_dtype(dtype: Any) -> np.dtype:
@@ -176,8 +178,9 @@ _NUMBA_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 def _numba_vectors(*vectors: Any) -> bool:
     """Whether per-channel vectors go to a compiled loop: NumPy float32/float64 1-D arrays."""
-    return all(isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype in _NUMBA_FLOATS
-               for v in vectors)
+    return all(
+        isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype in _NUMBA_FLOATS for v in vectors
+    )
 
 
 class NumbaBackend(Backend):
@@ -212,14 +215,22 @@ class NumbaBackend(Backend):
         kernels.finish_stats(mean, m2, count, eps, stats)
         return stats[0], stats[1], stats[2]
 
-    def update_running_stats(self, running_mean, running_var, batch_mean, batch_var, count,
-                             momentum):
+    def update_running_stats(
+        self, running_mean, running_var, batch_mean, batch_var, count, momentum
+    ):
         if not _numba_vectors(running_mean, running_var, batch_mean, batch_var):
-            super().update_running_stats(running_mean, running_var, batch_mean, batch_var,
-                                         count, momentum)
+            super().update_running_stats(
+                running_mean, running_var, batch_mean, batch_var, count, momentum
+            )
             return
-        kernels.update_running_stats(running_mean, running_var, batch_mean, batch_var,
-                                     momentum, momentum * count / (count - 1))
+        kernels.update_running_stats(
+            running_mean,
+            running_var,
+            batch_mean,
+            batch_var,
+            momentum,
+            momentum * count / (count - 1),
+        )
 
     # -- phase 1 ---------------------------------------------------------------------------
     def channel_stats(self, x3):
@@ -257,12 +268,14 @@ class NumbaBackend(Backend):
         n = x3.shape[0] * x3.shape[2]
         invstd64 = _vector(invstd, 1.0, channels)
         # The rows are those of kernels.grad_coefficients, the fused kernel's version.
-        coefs = np.stack([
-            _vector(mean, 0.0, channels),
-            _vector(sum_dy, 0.0, channels) / n,
-            invstd64 * invstd64 * _vector(sum_dy_xmu, 0.0, channels) / n,
-            _vector(weight, 1.0, channels) * invstd64,
-        ]).astype(_compute_dtype(x3.dtype))
+        coefs = np.stack(
+            [
+                _vector(mean, 0.0, channels),
+                _vector(sum_dy, 0.0, channels) / n,
+                invstd64 * invstd64 * _vector(sum_dy_xmu, 0.0, channels) / n,
+                _vector(weight, 1.0, channels) * invstd64,
+            ]
+        ).astype(_compute_dtype(x3.dtype))
         x, dy = _input(x3), _input(dy3)
         parallel = _is_parallel(x.size)
         kernel = kernels.cols_input_grad if x.ndim == 2 else kernels.rows_input_grad
@@ -281,12 +294,20 @@ class NumbaBackend(Backend):
         out, pending = _output(out3)
         with _launch(parallel):
             if x.ndim == 2:
-                stats = kernels.cols_forward_train(x, weight64, offset, eps, out, *_tiling(x),
-                                                   parallel)
+                stats = kernels.cols_forward_train(
+                    x, weight64, offset, eps, out, *_tiling(x), parallel
+                )
             else:
-                stats = kernels.rows_forward_train(x, weight64, offset, eps, out,
-                                                   config.TILE_ELEMENTS,
-                                                   _resident(x, arrays=1), parallel)
+                stats = kernels.rows_forward_train(
+                    x,
+                    weight64,
+                    offset,
+                    eps,
+                    out,
+                    config.TILE_ELEMENTS,
+                    _resident(x, arrays=1),
+                    parallel,
+                )
         _publish(out, pending)
         return tuple(s.astype(stat_dtype, copy=False) for s in stats)
 
@@ -300,11 +321,20 @@ class NumbaBackend(Backend):
         out, pending = _output(out3)
         with _launch(parallel):
             if x.ndim == 2:
-                sums = kernels.cols_backward_train(dy, x, mean64, invstd64, weight64, out,
-                                                   *_tiling(x), parallel)
+                sums = kernels.cols_backward_train(
+                    dy, x, mean64, invstd64, weight64, out, *_tiling(x), parallel
+                )
             else:
-                sums = kernels.rows_backward_train(dy, x, mean64, invstd64, weight64, out,
-                                                   config.TILE_ELEMENTS,
-                                                   _resident(x, arrays=2), parallel)
+                sums = kernels.rows_backward_train(
+                    dy,
+                    x,
+                    mean64,
+                    invstd64,
+                    weight64,
+                    out,
+                    config.TILE_ELEMENTS,
+                    _resident(x, arrays=2),
+                    parallel,
+                )
         _publish(out, pending)
         return sums

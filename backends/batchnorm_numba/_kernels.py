@@ -28,13 +28,25 @@ from numba.extending import intrinsic, overload
 
 # "reassoc" lets LLVM vectorise the reductions; the order it picks is fixed at compile time,
 # so results stay deterministic. "numpy" errors: 1 / 0 gives inf, not ZeroDivisionError.
-_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy",
-            "fastmath": {"reassoc", "contract"}}
+_OPTIONS = {
+    "cache": True,
+    "nogil": True,
+    "error_model": "numpy",
+    "fastmath": {"reassoc", "contract"},
+}
 _helper = njit(**_OPTIONS)
 # Only prange loops run in parallel: array expressions (np.zeros) in a parallel kernel would
 # each be a parallel launch of their own, costly for tiny arrays and in the serial branch.
-_PARALLEL = {"prange": True, "comprehension": False, "reduction": False, "numpy": False,
-             "stencil": False, "fusion": False, "setitem": False, "inplace_binop": False}
+_PARALLEL = {
+    "prange": True,
+    "comprehension": False,
+    "reduction": False,
+    "numpy": False,
+    "stencil": False,
+    "fusion": False,
+    "setitem": False,
+    "inplace_binop": False,
+}
 _kernel = njit(parallel=_PARALLEL, **_OPTIONS)
 
 
@@ -44,6 +56,7 @@ _kernel = njit(parallel=_PARALLEL, **_OPTIONS)
 # CPU has them): IEEE conversions, round-to-nearest-even on the way back, subnormals,
 # infinities and NaN included. Every element access goes through widen/store, which are
 # the identity for float32 and float64 arrays.
+
 
 @intrinsic
 def half_to_float(typingctx, bits):
@@ -89,12 +102,15 @@ def store(out, i, value):
 @overload(store, jit_options={"cache": True})
 def _store(out, i, value):
     if out.dtype == types.uint16:
+
         def store_half(out, i, value):
             out[i] = float_to_half(np.float32(value))
+
         return store_half
 
     def store_value(out, i, value):
         out[i] = value
+
     return store_value
 
 
@@ -161,6 +177,7 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, momen
 
 # -- channels-first: x3 of shape (M, C, L) --------------------------------------------------
 
+
 @_helper
 def row_tiling(M, L, tile):
     """``(rows, chunk, chunks, tiles_per_channel)``: tiles of ``rows`` x ``chunk`` values."""
@@ -187,6 +204,7 @@ def row_tile(j, M, L, rows, chunk, chunks):
 
 # Tile helpers loop over row slices from index 0: with a start of unknown sign, Numba's
 # negative-index wraparound stays in the inner loop and stops LLVM from vectorising it.
+
 
 @_helper
 def row_tile_mean_m2(x3, c, m0, m1, l0, l1):
@@ -255,7 +273,8 @@ def row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s):
     M, _, L = x3.shape
     c = t // tiles
     count[t], means[t], m2s[t] = row_tile_mean_m2(
-        x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks))
+        x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks)
+    )
 
 
 @_helper
@@ -273,8 +292,15 @@ def merge_partials(count, means, m2s, first, tiles):
 def row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3):
     M, _, L = x3.shape
     c = t // tiles
-    row_tile_normalize(x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks),
-                       shift[c], scale[c], offset[c], out3)
+    row_tile_normalize(
+        x3,
+        c,
+        *row_tile(t - c * tiles, M, L, rows, chunk, chunks),
+        shift[c],
+        scale[c],
+        offset[c],
+        out3,
+    )
 
 
 @_kernel
@@ -310,15 +336,30 @@ def rows_normalize(x3, shift, scale, offset, out3, tile, parallel):
 
 
 @_helper
-def row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset, out3,
-                        mean_out, var_out, invstd_out, scale):
+def row_forward_channel(
+    x3,
+    c,
+    rows,
+    chunk,
+    chunks,
+    tiles,
+    eps,
+    weight64,
+    offset,
+    out3,
+    mean_out,
+    var_out,
+    invstd_out,
+    scale,
+):
     """Statistics, then normalize, of one channel: the second read comes from cache."""
     M, _, L = x3.shape
     n, mean, m2 = row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles)
     finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
     for j in range(tiles):
-        row_tile_normalize(x3, c, *row_tile(j, M, L, rows, chunk, chunks),
-                           mean_out[c], scale[c], offset[c], out3)
+        row_tile_normalize(
+            x3, c, *row_tile(j, M, L, rows, chunk, chunks), mean_out[c], scale[c], offset[c], out3
+        )
 
 
 @_kernel
@@ -337,8 +378,22 @@ def rows_forward_train(x3, weight64, offset, eps, out3, tile, resident, parallel
     scale = compute_empty(C, out3)
     if resident:
         for c in prange(C):
-            row_forward_channel(x3, c, rows, chunk, chunks, tiles, eps, weight64, offset,
-                                out3, mean_out, var_out, invstd_out, scale)
+            row_forward_channel(
+                x3,
+                c,
+                rows,
+                chunk,
+                chunks,
+                tiles,
+                eps,
+                weight64,
+                offset,
+                out3,
+                mean_out,
+                var_out,
+                invstd_out,
+                scale,
+            )
         return mean_out, var_out, invstd_out
     tasks = C * tiles
     count = np.empty(tasks)
@@ -355,12 +410,14 @@ def rows_forward_train(x3, weight64, offset, eps, out3, tile, resident, parallel
         finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
     if parallel:
         for t in prange(tasks):
-            row_normalize_task(x3, tasks - 1 - t, rows, chunk, chunks, tiles, mean_out, scale,
-                               offset, out3)
+            row_normalize_task(
+                x3, tasks - 1 - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3
+            )
     else:
         for t in range(tasks):
-            row_normalize_task(x3, tasks - 1 - t, rows, chunk, chunks, tiles, mean_out, scale,
-                               offset, out3)
+            row_normalize_task(
+                x3, tasks - 1 - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3
+            )
     return mean_out, var_out, invstd_out
 
 
@@ -369,7 +426,8 @@ def row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_d
     M, _, L = x3.shape
     c = t // tiles
     sums_dy[t], sums_dy_xmu[t] = row_tile_grad_sums(
-        dy3, x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks), mean64[c])
+        dy3, x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks), mean64[c]
+    )
 
 
 @_kernel
@@ -380,12 +438,14 @@ def rows_grad_sums(dy3, x3, mean64, tile, parallel):
     sums_dy_xmu = np.empty(C * tiles)
     if parallel:
         for t in prange(C * tiles):
-            row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy,
-                                  sums_dy_xmu)
+            row_partial_grad_sums(
+                dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy, sums_dy_xmu
+            )
     else:
         for t in range(C * tiles):
-            row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy,
-                                  sums_dy_xmu)
+            row_partial_grad_sums(
+                dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy, sums_dy_xmu
+            )
     sum_dy = np.zeros(C)
     sum_dy_xmu = np.zeros(C)
     for c in range(C):
@@ -409,8 +469,17 @@ def grad_coefficients(c, n, sum_dy, sum_dy_xmu, mean64, invstd64, weight64, coef
 def row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3):
     M, _, L = x3.shape
     c = t // tiles
-    row_tile_input_grad(dy3, x3, c, *row_tile(t - c * tiles, M, L, rows, chunk, chunks),
-                        coefs[0, c], coefs[1, c], coefs[2, c], coefs[3, c], out3)
+    row_tile_input_grad(
+        dy3,
+        x3,
+        c,
+        *row_tile(t - c * tiles, M, L, rows, chunk, chunks),
+        coefs[0, c],
+        coefs[1, c],
+        coefs[2, c],
+        coefs[3, c],
+        out3,
+    )
 
 
 @_kernel
@@ -427,18 +496,42 @@ def rows_input_grad(dy3, x3, coefs, out3, tile, parallel):
 
 
 @_helper
-def row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd64, weight64,
-                         coefs, out3, sum_dy, sum_dy_xmu):
+def row_backward_channel(
+    dy3,
+    x3,
+    c,
+    rows,
+    chunk,
+    chunks,
+    tiles,
+    mean64,
+    invstd64,
+    weight64,
+    coefs,
+    out3,
+    sum_dy,
+    sum_dy_xmu,
+):
     M, _, L = x3.shape
     for j in range(tiles):
-        s_dy, s_dy_xmu = row_tile_grad_sums(dy3, x3, c, *row_tile(j, M, L, rows, chunk, chunks),
-                                            mean64[c])
+        s_dy, s_dy_xmu = row_tile_grad_sums(
+            dy3, x3, c, *row_tile(j, M, L, rows, chunk, chunks), mean64[c]
+        )
         sum_dy[c] += s_dy
         sum_dy_xmu[c] += s_dy_xmu
     grad_coefficients(c, M * L, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64, coefs)
     for j in range(tiles):
-        row_tile_input_grad(dy3, x3, c, *row_tile(j, M, L, rows, chunk, chunks),
-                            coefs[0, c], coefs[1, c], coefs[2, c], coefs[3, c], out3)
+        row_tile_input_grad(
+            dy3,
+            x3,
+            c,
+            *row_tile(j, M, L, rows, chunk, chunks),
+            coefs[0, c],
+            coefs[1, c],
+            coefs[2, c],
+            coefs[3, c],
+            out3,
+        )
 
 
 @_kernel
@@ -451,26 +544,41 @@ def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile, residen
     sum_dy_xmu = np.zeros(C)
     if resident:
         for c in prange(C):
-            row_backward_channel(dy3, x3, c, rows, chunk, chunks, tiles, mean64, invstd64,
-                                 weight64, coefs, out3, sum_dy, sum_dy_xmu)
+            row_backward_channel(
+                dy3,
+                x3,
+                c,
+                rows,
+                chunk,
+                chunks,
+                tiles,
+                mean64,
+                invstd64,
+                weight64,
+                coefs,
+                out3,
+                sum_dy,
+                sum_dy_xmu,
+            )
         return sum_dy, sum_dy_xmu
     tasks = C * tiles
     sums_dy = np.empty(tasks)
     sums_dy_xmu = np.empty(tasks)
     if parallel:
         for t in prange(tasks):
-            row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy,
-                                  sums_dy_xmu)
+            row_partial_grad_sums(
+                dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy, sums_dy_xmu
+            )
     else:
         for t in range(tasks):
-            row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy,
-                                  sums_dy_xmu)
+            row_partial_grad_sums(
+                dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_dy, sums_dy_xmu
+            )
     for c in range(C):
         for t in range(c * tiles, (c + 1) * tiles):
             sum_dy[c] += sums_dy[t]
             sum_dy_xmu[c] += sums_dy_xmu[t]
-        grad_coefficients(c, M * L, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64,
-                          coefs)
+        grad_coefficients(c, M * L, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64, coefs)
     if parallel:
         for t in prange(tasks):
             row_input_grad_task(dy3, x3, tasks - 1 - t, rows, chunk, chunks, tiles, coefs, out3)
@@ -481,6 +589,7 @@ def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile, residen
 
 
 # -- channels-last: x2 of shape (M, C) ------------------------------------------------------
+
 
 @_helper
 def col_tiling(M, C, tile, column_block, min_rows):
@@ -516,8 +625,9 @@ def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
     for m in range(m0, quads, 4):
         r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
         for c in range(mean.size):
-            mean[c] += ((np.float64(widen(r0[c])) + widen(r1[c]))
-                        + (np.float64(widen(r2[c])) + widen(r3[c])))
+            mean[c] += (np.float64(widen(r0[c])) + widen(r1[c])) + (
+                np.float64(widen(r2[c])) + widen(r3[c])
+            )
     for m in range(quads, m1):
         row = x2[m, c0:c1]
         for c in range(row.size):
@@ -555,8 +665,7 @@ def col_merge(means, m2s, M, rows):
     for block in range(1, row_blocks):
         n_b = np.float64(min(rows, M - block * rows))
         for c in range(C):
-            _, mean[c], m2[c] = chan_merge(n, mean[c], m2[c], n_b, means[block, c],
-                                             m2s[block, c])
+            _, mean[c], m2[c] = chan_merge(n, mean[c], m2[c], n_b, means[block, c], m2s[block, c])
         n += n_b
     return mean, m2
 
@@ -626,12 +735,14 @@ def cols_forward_train(x2, weight64, offset, eps, out2, tile, column_block, min_
         finish_channel(c, M, mean[c], m2[c], eps, weight64, mean_out, var_out, invstd_out, scale)
     if parallel:
         for t in prange(tasks):
-            col_normalize_task(x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale,
-                               offset, out2)
+            col_normalize_task(
+                x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale, offset, out2
+            )
     else:
         for t in range(tasks):
-            col_normalize_task(x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale,
-                               offset, out2)
+            col_normalize_task(
+                x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale, offset, out2
+            )
     return mean_out, var_out, invstd_out
 
 
@@ -653,9 +764,9 @@ def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, s
             dy0, dy1 = np.float64(widen(g0[c])), np.float64(widen(g1[c]))
             dy2_, dy3 = np.float64(widen(g2[c])), np.float64(widen(g3[c]))
             sum_dy[c] += (dy0 + dy1) + (dy2_ + dy3)
-            sum_dy_xmu[c] += ((dy0 * (widen(r0[c]) - mean[c]) + dy1 * (widen(r1[c]) - mean[c]))
-                              + (dy2_ * (widen(r2[c]) - mean[c])
-                                 + dy3 * (widen(r3[c]) - mean[c])))
+            sum_dy_xmu[c] += (dy0 * (widen(r0[c]) - mean[c]) + dy1 * (widen(r1[c]) - mean[c])) + (
+                dy2_ * (widen(r2[c]) - mean[c]) + dy3 * (widen(r3[c]) - mean[c])
+            )
     for m in range(quads, m1):
         dy_row = dy2[m, c0:c1]
         row = x2[m, c0:c1]
@@ -673,12 +784,10 @@ def cols_grad_sums(dy2, x2, mean64, tile, column_block, min_rows, parallel):
     sums_dy_xmu = np.empty((row_blocks, C))
     if parallel:
         for t in prange(row_blocks * col_blocks):
-            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy,
-                                  sums_dy_xmu)
+            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu)
     else:
         for t in range(row_blocks * col_blocks):
-            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy,
-                                  sums_dy_xmu)
+            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu)
     sum_dy = np.zeros(C)
     sum_dy_xmu = np.zeros(C)
     for block in range(row_blocks):
@@ -699,8 +808,11 @@ def col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2):
         row = x2[m, c0:c1]
         out = out2[m, c0:c1]
         for c in range(row.size):
-            store(out, c, (widen(dy_row[c]) - mean_dy[c] - (widen(row[c]) - mean[c]) * coef[c])
-                  * scale[c])
+            store(
+                out,
+                c,
+                (widen(dy_row[c]) - mean_dy[c] - (widen(row[c]) - mean[c]) * coef[c]) * scale[c],
+            )
 
 
 @_kernel
@@ -716,8 +828,9 @@ def cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, parallel
 
 
 @_kernel
-def cols_backward_train(dy2, x2, mean64, invstd64, weight64, out2, tile, column_block,
-                        min_rows, parallel):
+def cols_backward_train(
+    dy2, x2, mean64, invstd64, weight64, out2, tile, column_block, min_rows, parallel
+):
     """Fused gradient sums and dx (tiles last to first); returns float64 sums."""
     M, C = x2.shape
     rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
@@ -726,12 +839,10 @@ def cols_backward_train(dy2, x2, mean64, invstd64, weight64, out2, tile, column_
     sums_dy_xmu = np.empty((row_blocks, C))
     if parallel:
         for t in prange(tasks):
-            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy,
-                                  sums_dy_xmu)
+            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu)
     else:
         for t in range(tasks):
-            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy,
-                                  sums_dy_xmu)
+            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu)
     sum_dy = np.zeros(C)
     sum_dy_xmu = np.zeros(C)
     for block in range(row_blocks):
