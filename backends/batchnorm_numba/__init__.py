@@ -1,12 +1,13 @@
 """The ``numba`` backend: parallel CPU kernels, the default for NumPy arrays.
 
-Kernels are compiled by Numba on first use, nothing at import; ``cache=True`` stores them
-in Numba's cache (``__pycache__`` beside the sources, or ``NUMBA_CACHE_DIR``) so a later
-process loads them in about a second instead of compiling (about 40 s cold for the
-float32 kernels, and as long again for float16, which has kernels of its own). Two layouts of the core's ``(M, C, L)`` view have kernels of their own:
-channels-first (``L > 1``: rows of one channel) and channels-last (``L == 1``: vectorised
-across channels). Inputs whose view is not C-contiguous are copied once. float16 arrays
-reach the kernels as their bits and are computed in float32, converted in registers.
+Kernels are compiled by Numba on first use, nothing at import; ``cache=True`` stores them in
+Numba's cache (``__pycache__`` beside the sources, or ``NUMBA_CACHE_DIR``) so a later
+process loads them in about a second instead of compiling (about 40 s cold for the float32
+kernels, and as long again for float16, which has kernels of its own). Two layouts of the
+core's ``(M, C, L)`` view have kernels of their own: channels-first (``L > 1``: rows of one
+channel) and channels-last (``L == 1``: vectorised across channels). Inputs whose view is
+not C-contiguous are copied once. float16 arrays reach the kernels as their bits and are
+computed in float32, converted in registers.
 
 Work is cut into tiles that depend only on the shape, never on the number of threads, and
 partial results are merged serially in tile order, so results are bit-identical for any
