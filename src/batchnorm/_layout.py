@@ -26,14 +26,14 @@ class Layout:
 
     def view(self, backend: Any, array: Any) -> Any | None:
         """The 3-D view of a native array through ``backend``, or None if it needs a copy."""
-        geometry = _view_geometry(self, tuple(array.shape), tuple(array.strides))
+        geometry = view_geometry(self, tuple(array.shape), tuple(array.strides))
         if geometry is None:
             return None
         return backend.strided_view(array, *geometry)
 
 
 @functools.lru_cache(maxsize=256)
-def _view_geometry(layout: Layout, shape, strides):
+def view_geometry(layout: Layout, shape, strides):
     """``(shape3, strides3)`` of the view, or None when a group of axes cannot merge."""
     merged = []
     for group in (layout.outer, layout.inner):
@@ -63,6 +63,7 @@ def _merged_stride(dims: list[tuple[int, int]]) -> int | None:
     return dims[-1][1]
 
 
+@functools.lru_cache(maxsize=256)  # asked on every call's views: 0.1 us cached, 0.45 not
 def is_c_contiguous(shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int) -> bool:
     """Whether these byte strides are C order (axes of length 1 may have any stride)."""
     expected = itemsize
@@ -88,3 +89,11 @@ def plan_layout(shape: tuple[int, ...], strides: tuple[int, ...], axis: int) -> 
     channel_stride = abs(strides[axis]) if shape[axis] != 1 else 0
     split = sum(1 for a in others if abs(strides[a]) > channel_stride)
     return Layout(axis, tuple(others[:split]), tuple(others[split:]))
+
+
+@functools.lru_cache(maxsize=256)
+def plan_view(shape: tuple[int, ...], strides: tuple[int, ...], axis: int):
+    """``(layout, geometry)`` of an array: its plan, and its own view's ``(shape3, strides3)``
+    (None when it needs a copy). One cached call instead of two on every call's x."""
+    layout = plan_layout(shape, strides, axis)
+    return layout, view_geometry(layout, shape, strides)
