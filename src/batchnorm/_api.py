@@ -46,7 +46,7 @@ class _Call:
         self.x_user = x
         self.x = self.backend.as_native(x)
         _check_float("x", self.x)
-        shape = tuple(self.x.shape)
+        self.shape = shape = tuple(self.x.shape)
         ndim = len(shape)
         if ndim < 2:
             raise ValueError(f"x must have at least 2 dimensions (batch and channel), got {ndim}")
@@ -106,11 +106,12 @@ class _Call:
     def like_x(self, name: str, array: Any) -> Any:
         """An argument that must match x in shape and dtype (dy)."""
         native = self._native(name, array)
-        if tuple(native.shape) != tuple(self.x.shape):
+        if tuple(native.shape) != self.shape:
             raise ValueError(
-                f"{name} must have the shape of x {tuple(self.x.shape)}, got {tuple(native.shape)}"
+                f"{name} must have the shape of x {self.shape}, got {tuple(native.shape)}"
             )
-        if np.dtype(native.dtype) != np.dtype(self.x.dtype):
+        dtype = native.dtype
+        if dtype != self.x.dtype and np.dtype(dtype) != np.dtype(self.x.dtype):
             raise TypeError(
                 f"{name} must have the dtype of x ({self.x.dtype}), got {native.dtype}"
             )
@@ -120,8 +121,9 @@ class _Call:
         if out is None:
             return None
         native = self.like_x("out", out)
-        if any(self.backend.may_share_memory(native, a) for a in inputs):
-            raise ValueError("out must not overlap the input arrays")
+        for array in inputs:
+            if self.backend.may_share_memory(native, array):
+                raise ValueError("out must not overlap the input arrays")
         return native
 
     def view3(self, native: Any) -> Any:
@@ -471,6 +473,7 @@ def update_running_stats(
     names = ("running_mean", "running_var", "batch_mean", "batch_var")
     arrays = (running_mean, running_var, batch_mean, batch_var)
     natives = []
+    first_shape = None
     for name, array in zip(names, arrays):
         if not be.accepts(array):
             raise TypeError(
@@ -478,14 +481,15 @@ def update_running_stats(
             )
         native = be.as_native(array)
         _check_float(name, native)
-        if len(native.shape) != 1 or tuple(native.shape) != tuple(
-            natives[0].shape if natives else native.shape
-        ):
-            raise ValueError(
-                f"{name} must be 1-D with the shape of running_mean, got {tuple(native.shape)}"
-            )
+        shape = tuple(native.shape)
+        if first_shape is None:
+            first_shape = shape
+        if len(shape) != 1 or shape != first_shape:
+            raise ValueError(f"{name} must be 1-D with the shape of running_mean, got {shape}")
         natives.append(native)
-    if isinstance(count, bool) or not isinstance(count, numbers.Integral):
+    if type(count) is not int and (
+        isinstance(count, bool) or not isinstance(count, numbers.Integral)
+    ):
         raise TypeError(f"count must be an integer, got {count!r}")
     if count < 2:
         raise ValueError(f"count must be at least 2 for the unbiased variance, got {count}")
