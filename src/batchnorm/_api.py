@@ -22,9 +22,13 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)
 _FLOAT_DTYPE_SET = frozenset(FLOAT_DTYPES)
 
 
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+
+
 def stat_dtype_for(dtype: np.dtype) -> np.dtype:
     """dtype of mean/invstd: float32 for float16/float32 input, float64 for float64."""
-    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+    # Against a dtype, not the scalar type np.float64, which == converts on every call.
+    return _FLOAT64 if dtype == _FLOAT64 else _FLOAT32
 
 
 def _type_name(obj: Any) -> str:
