@@ -95,7 +95,7 @@ def _widen(element):
 
 
 def store(out, i, value):
-    """``out[i] = value``, as float16 bits where ``out`` holds them."""
+    """``out[i] = value`` (``i`` an index or a tuple), as float16 bits where ``out`` holds them."""
     out[i] = value
 
 
@@ -129,6 +129,13 @@ def _compute_empty(shape, like):
 @_helper
 def ceil_div(a, b):
     return -(-a // b)
+
+
+@_helper
+def span(start, stop):
+    """``(offset, length)`` as unsigned integers, for ``a[..., offset + i]`` with
+    ``i in range(length)``: unsigned indices skip Numba's negative-index check."""
+    return np.uint64(start), np.uint64(stop - start)
 
 
 @_helper
@@ -202,24 +209,24 @@ def row_tile(j, M, L, rows, chunk, chunks):
     return m0, min(m0 + rows, M), l0, min(l0 + chunk, L)
 
 
-# Tile helpers loop over row slices from index 0: with a start of unknown sign, Numba's
-# negative-index wraparound stays in the inner loop and stops LLVM from vectorising it.
+# Tile helpers index rows with unsigned integers (see :func:`span`): Numba then leaves out
+# its negative-index wraparound, which would keep LLVM from vectorising the inner loop, and
+# no slice is built per row (on rows of 200 values that costs as much as the row itself).
 
 
 @_helper
 def row_tile_mean_m2(x3, c, m0, m1, l0, l1):
+    u0, length = span(l0, l1)
     total = 0.0
     for m in range(m0, m1):
-        row = x3[m, c, l0:l1]
-        for i in range(row.size):
-            total += widen(row[i])
+        for i in range(length):
+            total += widen(x3[m, c, u0 + i])
     n = (m1 - m0) * (l1 - l0)
     mean = total / n
     m2 = 0.0
     for m in range(m0, m1):
-        row = x3[m, c, l0:l1]
-        for i in range(row.size):
-            dev = widen(row[i]) - mean
+        for i in range(length):
+            dev = widen(x3[m, c, u0 + i]) - mean
             m2 += dev * dev
     return np.float64(n), mean, m2
 
@@ -237,35 +244,33 @@ def row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles):
 
 @_helper
 def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3):
+    u0, length = span(l0, l1)
     for m in range(m0, m1):
-        row = x3[m, c, l0:l1]
-        out = out3[m, c, l0:l1]
-        for i in range(row.size):
-            store(out, i, (widen(row[i]) - shift) * scale + offset)
+        for i in range(length):
+            store(out3, (m, c, u0 + i), (widen(x3[m, c, u0 + i]) - shift) * scale + offset)
 
 
 @_helper
 def row_tile_grad_sums(dy3, x3, c, m0, m1, l0, l1, mean):
+    u0, length = span(l0, l1)
     sum_dy = 0.0
     sum_dy_xmu = 0.0
     for m in range(m0, m1):
-        dy_row = dy3[m, c, l0:l1]
-        row = x3[m, c, l0:l1]
-        for i in range(row.size):
-            dy = np.float64(widen(dy_row[i]))
+        for i in range(length):
+            dy = np.float64(widen(dy3[m, c, u0 + i]))
             sum_dy += dy
-            sum_dy_xmu += dy * (widen(row[i]) - mean)
+            sum_dy_xmu += dy * (widen(x3[m, c, u0 + i]) - mean)
     return sum_dy, sum_dy_xmu
 
 
 @_helper
 def row_tile_input_grad(dy3, x3, c, m0, m1, l0, l1, mean, mean_dy, coef, scale, out3):
+    u0, length = span(l0, l1)
     for m in range(m0, m1):
-        dy_row = dy3[m, c, l0:l1]
-        row = x3[m, c, l0:l1]
-        out = out3[m, c, l0:l1]
-        for i in range(row.size):
-            store(out, i, (widen(dy_row[i]) - mean_dy - (widen(row[i]) - mean) * coef) * scale)
+        for i in range(length):
+            dy = widen(dy3[m, c, u0 + i])
+            dx = (dy - mean_dy - (widen(x3[m, c, u0 + i]) - mean) * coef) * scale
+            store(out3, (m, c, u0 + i), dx)
 
 
 @_helper
@@ -621,29 +626,28 @@ def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
     m2 = m2s[block, c0:c1]
     mean[:] = 0.0
     m2[:] = 0.0
+    u0, cols = span(c0, c1)
     quads = m0 + (m1 - m0) // 4 * 4
     for m in range(m0, quads, 4):
-        r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
-        for c in range(mean.size):
-            mean[c] += (np.float64(widen(r0[c])) + widen(r1[c])) + (
-                np.float64(widen(r2[c])) + widen(r3[c])
+        for c in range(cols):
+            j = u0 + c
+            mean[c] += (np.float64(widen(x2[m, j])) + widen(x2[m + 1, j])) + (
+                np.float64(widen(x2[m + 2, j])) + widen(x2[m + 3, j])
             )
     for m in range(quads, m1):
-        row = x2[m, c0:c1]
-        for c in range(row.size):
-            mean[c] += widen(row[c])
-    for c in range(mean.size):
+        for c in range(cols):
+            mean[c] += widen(x2[m, u0 + c])
+    for c in range(cols):
         mean[c] /= m1 - m0
     for m in range(m0, quads, 4):
-        r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
-        for c in range(mean.size):
-            d0, d1 = widen(r0[c]) - mean[c], widen(r1[c]) - mean[c]
-            d2, d3 = widen(r2[c]) - mean[c], widen(r3[c]) - mean[c]
+        for c in range(cols):
+            j = u0 + c
+            d0, d1 = widen(x2[m, j]) - mean[c], widen(x2[m + 1, j]) - mean[c]
+            d2, d3 = widen(x2[m + 2, j]) - mean[c], widen(x2[m + 3, j]) - mean[c]
             m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
     for m in range(quads, m1):
-        row = x2[m, c0:c1]
-        for c in range(row.size):
-            dev = widen(row[c]) - mean[c]
+        for c in range(cols):
+            dev = widen(x2[m, u0 + c]) - mean[c]
             m2[c] += dev * dev
 
 
@@ -690,11 +694,10 @@ def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2
     M, C = x2.shape
     _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
     shift, scale, offset = shift[c0:c1], scale[c0:c1], offset[c0:c1]
+    u0, cols = span(c0, c1)
     for m in range(m0, m1):
-        row = x2[m, c0:c1]
-        out = out2[m, c0:c1]
-        for c in range(row.size):
-            store(out, c, (widen(row[c]) - shift[c]) * scale[c] + offset[c])
+        for c in range(cols):
+            store(out2, (m, u0 + c), (widen(x2[m, u0 + c]) - shift[c]) * scale[c] + offset[c])
 
 
 @_kernel
@@ -756,24 +759,22 @@ def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, s
     mean = mean64[c0:c1]
     sum_dy[:] = 0.0
     sum_dy_xmu[:] = 0.0
+    u0, cols = span(c0, c1)
     quads = m0 + (m1 - m0) // 4 * 4
     for m in range(m0, quads, 4):
-        g0, g1, g2, g3 = dy2[m, c0:c1], dy2[m + 1, c0:c1], dy2[m + 2, c0:c1], dy2[m + 3, c0:c1]
-        r0, r1, r2, r3 = x2[m, c0:c1], x2[m + 1, c0:c1], x2[m + 2, c0:c1], x2[m + 3, c0:c1]
-        for c in range(mean.size):
-            dy0, dy1 = np.float64(widen(g0[c])), np.float64(widen(g1[c]))
-            dy2_, dy3 = np.float64(widen(g2[c])), np.float64(widen(g3[c]))
+        for c in range(cols):
+            j = u0 + c
+            dy0, dy1 = np.float64(widen(dy2[m, j])), np.float64(widen(dy2[m + 1, j]))
+            dy2_, dy3 = np.float64(widen(dy2[m + 2, j])), np.float64(widen(dy2[m + 3, j]))
             sum_dy[c] += (dy0 + dy1) + (dy2_ + dy3)
-            sum_dy_xmu[c] += (dy0 * (widen(r0[c]) - mean[c]) + dy1 * (widen(r1[c]) - mean[c])) + (
-                dy2_ * (widen(r2[c]) - mean[c]) + dy3 * (widen(r3[c]) - mean[c])
-            )
+            sum_dy_xmu[c] += (
+                dy0 * (widen(x2[m, j]) - mean[c]) + dy1 * (widen(x2[m + 1, j]) - mean[c])
+            ) + (dy2_ * (widen(x2[m + 2, j]) - mean[c]) + dy3 * (widen(x2[m + 3, j]) - mean[c]))
     for m in range(quads, m1):
-        dy_row = dy2[m, c0:c1]
-        row = x2[m, c0:c1]
-        for c in range(row.size):
-            dy = np.float64(widen(dy_row[c]))
+        for c in range(cols):
+            dy = np.float64(widen(dy2[m, u0 + c]))
             sum_dy[c] += dy
-            sum_dy_xmu[c] += dy * (widen(row[c]) - mean[c])
+            sum_dy_xmu[c] += dy * (widen(x2[m, u0 + c]) - mean[c])
 
 
 @_kernel
@@ -803,16 +804,12 @@ def col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2):
     _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
     mean, mean_dy = coefs[0, c0:c1], coefs[1, c0:c1]
     coef, scale = coefs[2, c0:c1], coefs[3, c0:c1]
+    u0, cols = span(c0, c1)
     for m in range(m0, m1):
-        dy_row = dy2[m, c0:c1]
-        row = x2[m, c0:c1]
-        out = out2[m, c0:c1]
-        for c in range(row.size):
-            store(
-                out,
-                c,
-                (widen(dy_row[c]) - mean_dy[c] - (widen(row[c]) - mean[c]) * coef[c]) * scale[c],
-            )
+        for c in range(cols):
+            dy = widen(dy2[m, u0 + c])
+            xc = widen(x2[m, u0 + c]) - mean[c]
+            store(out2, (m, u0 + c), (dy - mean_dy[c] - xc * coef[c]) * scale[c])
 
 
 @_kernel
