@@ -127,6 +127,48 @@ def test_compiled_per_channel_steps_match_the_default(dtype):
         assert_close(actual, expected, dtype, "update_running_stats")
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("param_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((4, 6, 5, 5), 1), ((300, 7), 1), ((16, 3, 48, 48), 1), ((96, 5, 70), -1)]
+)
+def test_fused_eval_is_bit_identical_to_the_composed_steps(
+    dtype, param_dtype, affine, shape, axis
+):
+    """forward_eval (one kernel) rounds as finish_stats then normalize do, in both layouts."""
+    from batchnorm._layout import plan_layout
+
+    backend = bn.get_backend("numba")
+    rng = np.random.default_rng(5)
+    channels = shape[axis]
+    x = _data(shape, dtype)
+    running_mean = rng.standard_normal(channels).astype(param_dtype)
+    running_var = (rng.random(channels) * 3).astype(param_dtype)
+    running_var[0] = -0.5  # clamps to a zero variance, as finish_stats does
+    weight = rng.standard_normal(channels).astype(param_dtype) if affine else None
+    bias = rng.standard_normal(channels).astype(param_dtype) if affine else None
+    layout = plan_layout(x.shape, x.strides, axis % x.ndim)
+    stat_dtype = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+    results = []
+    for forward_eval in (backend.forward_eval, bn.Backend.forward_eval.__get__(backend)):
+        y = np.empty_like(x)
+        mean, invstd = forward_eval(
+            layout.view(backend, x),
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            1e-3,
+            layout.view(backend, y),
+            stat_dtype,
+        )
+        results.append((y, mean, invstd))
+    for fused, composed in zip(*results):
+        assert fused.dtype == composed.dtype
+        assert fused.tobytes() == composed.tobytes()
+
+
 # -- float16 conversions in the kernels --------------------------------------------------
 
 

@@ -182,6 +182,31 @@ def update_running_stats(running_mean, running_var, batch_mean, batch_var, momen
         running_var[c] = keep * running_var[c] + unbias * batch_var[c]
 
 
+@_helper
+def eval_coefficients(running_mean, running_var, weight, bias, eps, stats, like):
+    """Evaluation: ``stats`` (2, C) receives mean and invstd of the running statistics;
+    returns ``(shift, scale, offset)`` for normalize, in the compute dtype of ``like``.
+
+    The same roundings as :func:`finish_stats` followed by the backend's ``normalize``:
+    invstd from the variance in float64, rounded to the dtype of ``stats``; the scale is
+    that rounded invstd times the weight, in float64, rounded once.
+    """
+    C = running_mean.size
+    shift = compute_empty(C, like)
+    scale = compute_empty(C, like)
+    offset = compute_empty(C, like)
+    for c in range(C):
+        var = np.float64(running_var[c])
+        if var < 0.0:  # written so that NaN propagates
+            var = 0.0
+        stats[0, c] = running_mean[c]
+        stats[1, c] = 1.0 / np.sqrt(var + eps)
+        shift[c] = stats[0, c]
+        scale[c] = np.float64(stats[1, c]) * np.float64(weight[c])
+        offset[c] = bias[c]
+    return shift, scale, offset
+
+
 # -- channels-first: x3 of shape (M, C, L) --------------------------------------------------
 
 
@@ -340,6 +365,24 @@ def rows_normalize(x3, shift, scale, offset, out3, tile, parallel):
             row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
 
 
+@_kernel
+def rows_forward_eval(
+    x3, running_mean, running_var, weight, bias, eps, out3, stats, tile, parallel
+):
+    """Evaluation in one call: :func:`eval_coefficients`, then normalize."""
+    shift, scale, offset = eval_coefficients(
+        running_mean, running_var, weight, bias, eps, stats, out3
+    )
+    M, C, L = x3.shape
+    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    if parallel:
+        for t in prange(C * tiles):
+            row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
+    else:
+        for t in range(C * tiles):
+            row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
+
+
 @_helper
 def row_forward_channel(
     x3,
@@ -368,8 +411,8 @@ def row_forward_channel(
 
 
 @_kernel
-def rows_forward_train(x3, weight64, offset, eps, out3, tile, resident, parallel):
-    """Fused statistics and normalize: ``(mean, var, invstd)`` in the dtype of ``out3``.
+def rows_forward_train(x3, weight64, offset, eps, out3, stats, tile, resident, parallel):
+    """Fused statistics and normalize; ``stats`` (3, C) receives mean, var and invstd.
 
     ``resident``: one task per channel (for channels that fit in L2), so the normalize pass
     reads the channel from cache. Otherwise tiles of all channels are spread over the
@@ -377,9 +420,7 @@ def rows_forward_train(x3, weight64, offset, eps, out3, tile, resident, parallel
     """
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
-    mean_out = compute_empty(C, out3)
-    var_out = compute_empty(C, out3)
-    invstd_out = compute_empty(C, out3)
+    mean_out, var_out, invstd_out = stats[0], stats[1], stats[2]
     scale = compute_empty(C, out3)
     if resident:
         for c in prange(C):
@@ -399,7 +440,7 @@ def rows_forward_train(x3, weight64, offset, eps, out3, tile, resident, parallel
                 invstd_out,
                 scale,
             )
-        return mean_out, var_out, invstd_out
+        return
     tasks = C * tiles
     count = np.empty(tasks)
     means = np.empty(tasks)
@@ -423,7 +464,6 @@ def rows_forward_train(x3, weight64, offset, eps, out3, tile, resident, parallel
             row_normalize_task(
                 x3, tasks - 1 - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3
             )
-    return mean_out, var_out, invstd_out
 
 
 @_helper
@@ -740,8 +780,39 @@ def cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows,
 
 
 @_kernel
-def cols_forward_train(x2, weight64, offset, eps, out2, tile, column_block, min_rows, parallel):
-    """Statistics, then normalize: returns ``(mean, var, invstd)`` in the dtype of ``out2``.
+def cols_forward_eval(
+    x2,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    eps,
+    out2,
+    stats,
+    tile,
+    column_block,
+    min_rows,
+    parallel,
+):
+    """Evaluation in one call: :func:`eval_coefficients`, then normalize."""
+    shift, scale, offset = eval_coefficients(
+        running_mean, running_var, weight, bias, eps, stats, out2
+    )
+    M, C = x2.shape
+    rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
+    if parallel:
+        for t in prange(row_blocks * col_blocks):
+            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
+    else:
+        for t in range(row_blocks * col_blocks):
+            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
+
+
+@_kernel
+def cols_forward_train(
+    x2, weight64, offset, eps, out2, stats, tile, column_block, min_rows, parallel
+):
+    """Statistics, then normalize; ``stats`` (3, C) receives mean, var and invstd.
 
     The normalize pass takes the tiles last to first: the last ones read are still in cache.
     """
@@ -757,9 +828,7 @@ def cols_forward_train(x2, weight64, offset, eps, out2, tile, column_block, min_
         for t in range(tasks):
             col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
     mean, m2 = col_merge(means, m2s, M, rows)
-    mean_out = compute_empty(C, out2)
-    var_out = compute_empty(C, out2)
-    invstd_out = compute_empty(C, out2)
+    mean_out, var_out, invstd_out = stats[0], stats[1], stats[2]
     scale = compute_empty(C, out2)
     for c in range(C):
         finish_channel(c, M, mean[c], m2[c], eps, weight64, mean_out, var_out, invstd_out, scale)
@@ -773,7 +842,6 @@ def cols_forward_train(x2, weight64, offset, eps, out2, tile, column_block, min_
             col_normalize_task(
                 x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale, offset, out2
             )
-    return mean_out, var_out, invstd_out
 
 
 @_helper

@@ -302,8 +302,9 @@ def forward(
         if running_mean is not None:
             be.update_running_stats(running_mean, running_var, mean, var, call.count, momentum)
     else:
-        mean, _, invstd = be.finish_stats(running_mean, running_var, 1, eps, call.stat_dtype)
-        be.normalize(x3, mean, invstd, weight, bias, y3)
+        mean, invstd = be.forward_eval(
+            x3, running_mean, running_var, weight, bias, eps, y3, call.stat_dtype
+        )
         publish()
     return (out if out is not None else call.user(y)), call.user(mean), call.user(invstd)
 

@@ -12,10 +12,11 @@ Two phases, so a multi-process version can all-reduce between them:
   Chan's formula) and :meth:`grad_sums` (sum dy and sum dy*(x - mean));
 * phase 2, elementwise: :meth:`normalize` and :meth:`input_grad`.
 
-:meth:`forward_train` and :meth:`backward_train` compose the phases; a backend may override
-them with fused kernels. The per-channel steps (:meth:`finish_stats`, :meth:`param_grads`,
-:meth:`update_running_stats`) have defaults written with the backend's array module
-``xp``; a backend whose arrays have no such module (e.g. Numba device arrays) overrides them.
+:meth:`forward_train`, :meth:`forward_eval` and :meth:`backward_train` compose the phases
+and the per-channel steps; a backend may override them with fused kernels. The
+per-channel steps (:meth:`finish_stats`, :meth:`param_grads`, :meth:`update_running_stats`)
+have defaults written with the backend's array module ``xp``; a backend whose arrays have
+no such module (e.g. Numba device arrays) overrides them.
 """
 
 from __future__ import annotations
@@ -154,6 +155,18 @@ class Backend(ABC):
         )
         self.normalize(x3, mean, invstd, weight, bias, out3)
         return mean, var, invstd
+
+    def forward_eval(
+        self, x3, running_mean, running_var, weight, bias, eps: float, out3, stat_dtype
+    ) -> tuple[Any, Any]:
+        """Evaluation-mode output from the running statistics into ``out3``.
+
+        Returns ``(mean, invstd)`` of dtype ``stat_dtype``: the running mean (a copy) and
+        ``1 / sqrt(running_var + eps)``.
+        """
+        mean, _, invstd = self.finish_stats(running_mean, running_var, 1, eps, stat_dtype)
+        self.normalize(x3, mean, invstd, weight, bias, out3)
+        return mean, invstd
 
     def backward_train(self, dy3, x3, mean, invstd, weight, out3) -> tuple[Any, Any]:
         """Training-mode input gradient into ``out3``; returns ``(sum_dy, sum_dy_xmu)``."""
