@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/compare.py             # measure and compare with benchmarks/baseline.json
     python benchmarks/compare.py --update    # measure (best of 3 runs) and write the baseline
-    python benchmarks/compare.py --inject-slowdown numba.normalize   # watch the check fail
+    python benchmarks/compare.py --inject-slowdown numba.forward_eval   # watch the check fail
 
 Only ratios are compared: a backend's best time divided by the best time of a plain copy of
 the same array, measured in the same run and interleaved round by round

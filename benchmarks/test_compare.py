@@ -41,14 +41,17 @@ def compare_threads():
 
 
 def test_check_catches_a_slowed_kernel(monkeypatch, compare_threads):
-    # forward-eval on a 25 MB array is one normalize pass plus a fixed per-call overhead, so
-    # doing the pass three times roughly triples the ratio: far beyond the tolerance even
-    # with the noise of a shared machine. (On small arrays the overhead would dominate.)
+    # forward-eval on a 25 MB array is one normalize pass (Backend.forward_eval) plus a fixed
+    # per-call overhead, so doing it three times roughly triples the ratio: far beyond the
+    # tolerance even with the noise of a shared machine. (On small arrays the overhead would
+    # dominate.)
     name = _fastest_backend()
     cases = _bench.all_cases(["nchw"], ["forward-eval"], ["float32"])
     baseline = compare.measure_ratios([name], cases)
     backend = bn.get_backend(name)
-    monkeypatch.setattr(backend, "normalize", compare.slowed_down(backend.normalize, repeat=3))
+    monkeypatch.setattr(
+        backend, "forward_eval", compare.slowed_down(backend.forward_eval, repeat=3)
+    )
     current, verdict = compare.check(baseline, [name], cases)
     assert verdict["regressed"] == [compare.key(name, cases[0])], (baseline, current)
 
