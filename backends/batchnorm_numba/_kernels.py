@@ -367,22 +367,15 @@ def rows_normalize(x3, shift, scale, offset, out3, tile, parallel):
             row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
 
 
-@_kernel
+@_helper  # not a parallel kernel itself: rows_normalize's tiles run on the threads
 def rows_forward_eval(
     x3, running_mean, running_var, weight, bias, eps, out3, stats, tile, parallel
 ):
-    """Evaluation in one call: :func:`eval_coefficients`, then normalize."""
+    """Evaluation in one call: :func:`eval_coefficients`, then :func:`rows_normalize`."""
     shift, scale, offset = eval_coefficients(
         running_mean, running_var, weight, bias, eps, stats, out3
     )
-    M, C, L = x3.shape
-    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
-    if parallel:
-        for t in prange(C * tiles):
-            row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
-    else:
-        for t in range(C * tiles):
-            row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
+    rows_normalize(x3, shift, scale, offset, out3, tile, parallel)
 
 
 @_helper
@@ -783,7 +776,7 @@ def cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows,
             col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
 
 
-@_kernel
+@_helper  # not a parallel kernel itself: cols_normalize's tiles run on the threads
 def cols_forward_eval(
     x2,
     running_mean,
@@ -798,18 +791,11 @@ def cols_forward_eval(
     min_rows,
     parallel,
 ):
-    """Evaluation in one call: :func:`eval_coefficients`, then normalize."""
+    """Evaluation in one call: :func:`eval_coefficients`, then :func:`cols_normalize`."""
     shift, scale, offset = eval_coefficients(
         running_mean, running_var, weight, bias, eps, stats, out2
     )
-    M, C = x2.shape
-    rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
-    if parallel:
-        for t in prange(row_blocks * col_blocks):
-            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
-    else:
-        for t in range(row_blocks * col_blocks):
-            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
+    cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows, parallel)
 
 
 @_kernel
