@@ -248,6 +248,7 @@ class CupyBackend(Backend):
         if channels == 0:
             return mean, m2, var, invstd
         launch = self._plan(x3)
+        shift = xp.empty(channels, acc)  # x[0, c, 0]: the partials are of x - shift
         partial_mean = xp.empty((launch.splits, channels), acc)
         partial_m2 = xp.empty((launch.splits, channels), acc)
         self._run(
@@ -255,7 +256,7 @@ class CupyBackend(Backend):
             x3.dtype,
             launch.grid,
             launch.block,
-            (*_view_args(x3), *_geometry_args(x3.shape, launch), partial_mean, partial_m2),
+            (*_view_args(x3), *_geometry_args(x3.shape, launch), shift, partial_mean, partial_m2),
         )
         self._run(
             "channel_stats_finish",
@@ -263,6 +264,7 @@ class CupyBackend(Backend):
             finish_grid(channels),
             (FINISH_THREADS,),
             (
+                shift,
                 partial_mean,
                 partial_m2,
                 np.int32(launch.splits),

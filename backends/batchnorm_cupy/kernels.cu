@@ -161,15 +161,22 @@ __global__ void __launch_bounds__(BN_BLOCK_THREADS, min_blocks_per_sm<T>)
 channel_stats_partial(const T* __restrict__ x, long long x_outer_stride,
                       long long x_channel_stride, long long x_inner_stride, long long outer,
                       int channels, long long inner, int channels_per_block, long long chunk,
-                      acc_t<T>* __restrict__ partial_mean, acc_t<T>* __restrict__ partial_m2) {
+                      acc_t<T>* __restrict__ shift, acc_t<T>* __restrict__ partial_mean,
+                      acc_t<T>* __restrict__ partial_m2) {
     using A = acc_t<T>;
     __shared__ MeanM2<A> shared[BN_BLOCK_THREADS];
     const BlockShare share(channels_per_block, chunk, outer * inner);
     for (long long tile = blockIdx.y; tile * channels_per_block < channels; tile += gridDim.y) {
         const long long c = tile * channels_per_block + share.slot;
         MeanM2<A> state = {0, 0, 0};
-        if (c < channels) {
+        if (c < channels && outer * inner > 0) {
             const T* xc = x + c * x_channel_stride;
+            // Values are accumulated minus one value of their own channel (x[0, c, 0]). In
+            // float a mean near 1e4 is rounded to 1e-3, which would swamp a spread of 1e-2;
+            // the shifted values are of the order of the spread, so the rounding scales with
+            // it. The finishing kernel adds the shift back to the mean.
+            const A k = to_acc(xc[0]);
+            if (blockIdx.x == 0 && share.lane == 0) shift[c] = k;
             for_each_batch(share.first, share.end, share.lanes, inner, [&](const Batch& b) {
                 // Mean and M2 of the batch by two passes over registers, then one merge:
                 // one division per batch instead of one per value (Welford).
@@ -179,7 +186,7 @@ channel_stats_partial(const T* __restrict__ x, long long x_outer_stride,
 #pragma unroll
                 for (int u = 0; u < BN_UNROLL; ++u) {
                     v[u] = b.valid[u]
-                               ? to_acc(xc[b.m[u] * x_outer_stride + b.l[u] * x_inner_stride])
+                               ? to_acc(xc[b.m[u] * x_outer_stride + b.l[u] * x_inner_stride]) - k
                                : A(0);
                     sum += v[u];
                     n += b.valid[u];
@@ -203,10 +210,11 @@ channel_stats_partial(const T* __restrict__ x, long long x_outer_stride,
     }
 }
 
-// Merges the [splits, C] partials in split order. Writes mean, and each of m2, the biased
-// variance and invstd = 1 / sqrt(var + eps) whose pointer is not null.
+// Merges the [splits, C] partials (of values minus shift) in split order. Writes mean, and
+// each of m2, the biased variance and invstd = 1 / sqrt(var + eps) whose pointer is not null.
 template <typename A>
-__global__ void channel_stats_finish(const A* __restrict__ partial_mean,
+__global__ void channel_stats_finish(const A* __restrict__ shift,
+                                     const A* __restrict__ partial_mean,
                                      const A* __restrict__ partial_m2, int splits, int channels,
                                      long long plane, long long chunk, double eps,
                                      A* __restrict__ mean, A* __restrict__ m2, A* __restrict__ var,
@@ -219,7 +227,7 @@ __global__ void channel_stats_finish(const A* __restrict__ partial_mean,
             total.merge({A(count), partial_mean[s * (long long)channels + c],
                           partial_m2[s * (long long)channels + c]});
         }
-        mean[c] = total.mean;
+        mean[c] = plane > 0 ? shift[c] + total.mean : total.mean;
         if (m2 != nullptr) m2[c] = total.m2;
         A biased = total.m2 / A(plane);
         biased = biased < 0 ? A(0) : biased;  // a NaN stays NaN
