@@ -169,6 +169,42 @@ def test_fused_eval_is_bit_identical_to_the_composed_steps(
         assert fused.tobytes() == composed.tobytes()
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [((4, 6, 5, 37), 1), ((16, 3, 48, 48), 1), ((300, 37), 1), ((96, 5, 7, 64), -1)],
+)
+@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+def test_streaming_stores_are_bit_identical_to_plain_stores(
+    monkeypatch, dtype, shape, axis, misaligned
+):
+    """Non-temporal stores (outputs of STREAM_BYTES and more) change no bit of the results,
+    whatever the output's alignment: rows start with plain stores up to a 32-byte boundary."""
+    rng = np.random.default_rng(8)
+    channels = shape[axis]
+    x = _data(shape, dtype)
+    param = np.float64 if dtype == np.float64 else np.float32
+    w, b = rng.uniform(0.5, 1.5, channels).astype(param), rng.standard_normal(channels)
+    rm, rv = rng.standard_normal(channels).astype(param), rng.random(channels).astype(param)
+    results = {}
+    for stream_bytes in (1 << 62, 0):
+        monkeypatch.setattr(_config, "STREAM_BYTES", stream_bytes)
+        monkeypatch.setattr(_config, "STREAM_RUN_BYTES", 0)  # short rows streamed too
+        outs = []
+        for training in (True, False):
+            # an output buffer starting `misaligned` elements past an allocation
+            buffer = np.empty(x.size + 1, x.dtype)[1:] if misaligned else np.empty(x.size, x.dtype)
+            out = buffer.reshape(x.shape)
+            stats = bn.forward(
+                x, w, b.astype(param), rm.copy(), rv.copy(), training=training, axis=axis,
+                out=out, backend="numba",
+            )  # fmt: skip
+            outs += [out, *stats]
+        results[stream_bytes] = outs
+    for plain, streamed in zip(results[1 << 62], results[0]):
+        assert plain.tobytes() == streamed.tobytes()
+
+
 # -- float16 conversions in the kernels --------------------------------------------------
 
 

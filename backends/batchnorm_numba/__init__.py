@@ -168,6 +168,13 @@ def _tiling(x: np.ndarray) -> tuple[int, ...]:
     return (config.TILE_ELEMENTS,)
 
 
+def _stream(out: np.ndarray) -> bool:
+    """Whether ``out`` is written with non-temporal stores: large enough to leave the caches,
+    in contiguous runs (a tile's rows) long enough that few cache lines mix both stores."""
+    run = min(out.shape[1], config.COLUMN_BLOCK) if out.ndim == 2 else out.shape[2]
+    return out.nbytes >= config.STREAM_BYTES and run * out.itemsize >= config.STREAM_RUN_BYTES
+
+
 def _resident(x: np.ndarray, arrays: int) -> bool:
     """Whether a fused pass runs one task per channel: a channel of ``arrays`` inputs in L2."""
     if x.ndim == 2 or not _is_parallel(x.size):
@@ -292,7 +299,7 @@ class NumbaBackend(Backend):
         kernel = kernels.cols_normalize if x.ndim == 2 else kernels.rows_normalize
         out, pending = _output(out3)
         with _launch(parallel):
-            kernel(x, shift, scale, offset, out, *_tiling(x), parallel)
+            kernel(x, shift, scale, offset, out, *_tiling(x), _stream(out), parallel)
         _publish(out, pending)
 
     def input_grad(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3):
@@ -331,7 +338,7 @@ class NumbaBackend(Backend):
         with _launch(parallel):
             if x.ndim == 2:
                 kernels.cols_forward_train(
-                    x, weight64, offset, eps, out, stats, *_tiling(x), parallel
+                    x, weight64, offset, eps, out, stats, *_tiling(x), _stream(out), parallel
                 )
             else:
                 kernels.rows_forward_train(
@@ -343,6 +350,7 @@ class NumbaBackend(Backend):
                     stats,
                     config.TILE_ELEMENTS,
                     _resident(x, arrays=1),
+                    _stream(out),
                     parallel,
                 )
         _publish(out, pending)
@@ -368,12 +376,12 @@ class NumbaBackend(Backend):
             if x.ndim == 2:
                 kernels.cols_forward_eval(
                     x, running_mean, running_var, weight, bias, eps, out, stats,
-                    *_tiling(x), parallel,
+                    *_tiling(x), _stream(out), parallel,
                 )  # fmt: skip
             else:
                 kernels.rows_forward_eval(
                     x, running_mean, running_var, weight, bias, eps, out, stats,
-                    config.TILE_ELEMENTS, parallel,
+                    config.TILE_ELEMENTS, _stream(out), parallel,
                 )  # fmt: skip
         _publish(out, pending)
         return stats[0], stats[1]

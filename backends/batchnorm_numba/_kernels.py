@@ -21,11 +21,13 @@ arrays from one about 1.5 us more: results go into arrays passed in). With ``res
 they run one task per channel, for channels that fit in L2, so their second pass reads
 from cache; otherwise their second pass takes the tiles last to first, starting with those
 still in cache. Forward-eval is one kernel: per-channel coefficients, then normalize.
+Normalize passes write large outputs with non-temporal stores (see "streaming stores").
 """
 
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 # "reassoc" lets LLVM vectorise the reductions; the order it picks is fixed at compile time,
@@ -209,6 +211,141 @@ def eval_coefficients(running_mean, running_var, weight, bias, eps, stats, like)
     return shift, scale, offset
 
 
+# -- streaming stores -------------------------------------------------------------------------
+# An output larger than the caches is written with non-temporal stores: a plain store first
+# reads the line it writes (a third pass over memory next to reading x and writing y) and
+# evicts input that a fused kernel is about to read a second time. LLVM's vectoriser never
+# emits them (it wants vector-aligned stores), so :func:`stream_affine` writes one aligned
+# 32-byte vector itself; rows start with plain stores up to the first aligned address.
+STREAM_VECTOR_BYTES = 32
+
+
+def _stream_affine_codegen(dtype, width, per_column):
+    """IR of :func:`stream_affine` / :func:`stream_affine_columns`."""
+
+    def codegen(context, builder, signature, args):
+        element = context.get_value_type(dtype)
+        vector = ir.VectorType(element, width)
+        undef = ir.Constant(vector, ir.Undefined)
+        zeros = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+
+        def address(array_type, array, index):
+            data = context.make_array(array_type)(context, builder, array).data
+            return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
+
+        def coefficient(k):
+            if per_column:  # a vector of coefficients[index:index + width]
+                where = address(signature.args[4 + k], args[4 + k], args[7])
+                return builder.load(where, align=dtype.bitwidth // 8)
+            first = builder.insert_element(undef, args[4 + k], ir.Constant(ir.IntType(32), 0))
+            return builder.shuffle_vector(first, undef, zeros)
+
+        values = builder.load(
+            address(signature.args[0], args[0], args[1]), align=dtype.bitwidth // 8
+        )
+        fmuladd = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(vector, [vector, vector, vector]),
+            f"llvm.fmuladd.v{width}f{dtype.bitwidth}",
+        )
+        shift, scale, offset = (coefficient(k) for k in range(3))
+        result = builder.call(fmuladd, [builder.fsub(values, shift), scale, offset])
+        stored = builder.store(
+            result, address(signature.args[2], args[2], args[3]), align=STREAM_VECTOR_BYTES
+        )
+        stored.set_metadata(
+            "nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+        )
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _streamable(x, out):
+    return out.dtype in (types.float32, types.float64) and x.dtype == out.dtype
+
+
+@intrinsic
+def stream_affine(typingctx, x, xi, out, oi, shift, scale, offset):
+    """``out.flat[oi:oi + w] = fmuladd(x.flat[xi:xi + w] - shift, scale, offset)``, one
+    32-byte vector (w elements) stored non-temporally; ``out``'s address must be aligned.
+
+    ``llvm.fmuladd`` is what the plain loops' ``contract`` flag makes of the same formula (one
+    fused multiply-add where the CPU has it), so streamed and plain elements round alike.
+    """
+    if not (_streamable(x, out) and shift == scale == offset == out.dtype):
+        return None
+    width = STREAM_VECTOR_BYTES * 8 // out.dtype.bitwidth
+    signature = types.void(x, xi, out, oi, shift, scale, offset)
+    return signature, _stream_affine_codegen(out.dtype, width, per_column=False)
+
+
+@intrinsic
+def stream_affine_columns(typingctx, x, xi, out, oi, shift, scale, offset, ci):
+    """:func:`stream_affine` with per-column coefficients ``shift[ci:ci + w]`` (and so on)."""
+    if not (_streamable(x, out) and shift.dtype == scale.dtype == offset.dtype == out.dtype):
+        return None
+    width = STREAM_VECTOR_BYTES * 8 // out.dtype.bitwidth
+    signature = types.void(x, xi, out, oi, shift, scale, offset, ci)
+    return signature, _stream_affine_codegen(out.dtype, width, per_column=True)
+
+
+@intrinsic
+def stream_fence(typingctx):
+    """Orders the non-temporal stores before what follows (they are weakly ordered)."""
+
+    def codegen(context, builder, signature, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@_helper
+def row_normalize_plain(x3, c, m, l0, l1, shift, scale, offset, out3):
+    u0, length = span(l0, l1)
+    for i in range(length):
+        store(out3, (m, c, u0 + i), (widen(x3[m, c, u0 + i]) - shift) * scale + offset)
+
+
+@_helper
+def stream_split(out, first, length):
+    """``(head, body, width)`` of ``length`` elements from ``out.flat[first]`` on: ``head``
+    plain stores reach a 32-byte boundary, then ``body`` elements in vectors of ``width``."""
+    size = out.itemsize
+    width = STREAM_VECTOR_BYTES // size
+    misaligned = (out.ctypes.data + np.int64(first) * size) % STREAM_VECTOR_BYTES
+    head = min(length, (STREAM_VECTOR_BYTES - misaligned) % STREAM_VECTOR_BYTES // size)
+    return head, (length - head) // width * width, width
+
+
+def row_normalize(x3, c, m, l0, l1, shift, scale, offset, out3, stream):
+    """``out3[m, c, l0:l1] = (x3[m, c, l0:l1] - shift) * scale + offset``."""
+
+
+@overload(row_normalize, jit_options=_OPTIONS)
+def _row_normalize(x3, c, m, l0, l1, shift, scale, offset, out3, stream):
+    def plain(x3, c, m, l0, l1, shift, scale, offset, out3, stream):
+        row_normalize_plain(x3, c, m, l0, l1, shift, scale, offset, out3)
+
+    if not _streamable(x3, out3):
+        return plain
+
+    def streamed(x3, c, m, l0, l1, shift, scale, offset, out3, stream):
+        if not stream:
+            row_normalize_plain(x3, c, m, l0, l1, shift, scale, offset, out3)
+            return
+        _, C, L = x3.shape
+        first = (m * C + c) * L + l0  # flat index of [m, c, l0] in both (C-contiguous)
+        head, body, width = stream_split(out3, first, l1 - l0)
+        row_normalize_plain(x3, c, m, l0, l0 + head, shift, scale, offset, out3)
+        for i in range(first + head, first + head + body, width):
+            stream_affine(x3, i, out3, i, shift, scale, offset)
+        row_normalize_plain(x3, c, m, l0 + head + body, l1, shift, scale, offset, out3)
+
+    return streamed
+
+
 # -- channels-first: x3 of shape (M, C, L) --------------------------------------------------
 
 
@@ -270,11 +407,9 @@ def row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles):
 
 
 @_helper
-def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3):
-    u0, length = span(l0, l1)
+def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3, stream=False):
     for m in range(m0, m1):
-        for i in range(length):
-            store(out3, (m, c, u0 + i), (widen(x3[m, c, u0 + i]) - shift) * scale + offset)
+        row_normalize(x3, c, m, l0, l1, shift, scale, offset, out3, stream)
 
 
 @_helper
@@ -321,7 +456,7 @@ def merge_partials(count, means, m2s, first, tiles):
 
 
 @_helper
-def row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3):
+def row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3, stream):
     M, _, L = x3.shape
     c = t // tiles
     row_tile_normalize(
@@ -332,7 +467,10 @@ def row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, 
         scale[c],
         offset[c],
         out3,
+        stream,
     )
+    if stream:
+        stream_fence()
 
 
 @_kernel
@@ -356,26 +494,30 @@ def rows_channel_stats(x3, tile, parallel):
 
 
 @_kernel
-def rows_normalize(x3, shift, scale, offset, out3, tile, parallel):
+def rows_normalize(x3, shift, scale, offset, out3, tile, stream, parallel):
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
     if parallel:
         for t in prange(C * tiles):
-            row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
+            row_normalize_task(
+                x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3, stream
+            )
     else:
         for t in range(C * tiles):
-            row_normalize_task(x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3)
+            row_normalize_task(
+                x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3, stream
+            )
 
 
 @_helper  # not a parallel kernel itself: rows_normalize's tiles run on the threads
 def rows_forward_eval(
-    x3, running_mean, running_var, weight, bias, eps, out3, stats, tile, parallel
+    x3, running_mean, running_var, weight, bias, eps, out3, stats, tile, stream, parallel
 ):
     """Evaluation in one call: :func:`eval_coefficients`, then :func:`rows_normalize`."""
     shift, scale, offset = eval_coefficients(
         running_mean, running_var, weight, bias, eps, stats, out3
     )
-    rows_normalize(x3, shift, scale, offset, out3, tile, parallel)
+    rows_normalize(x3, shift, scale, offset, out3, tile, stream, parallel)
 
 
 @_helper
@@ -394,6 +536,7 @@ def row_forward_channel(
     var_out,
     invstd_out,
     scale,
+    stream,
 ):
     """Statistics, then normalize, of one channel: the second read comes from cache."""
     M, _, L = x3.shape
@@ -401,12 +544,21 @@ def row_forward_channel(
     finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
     for j in range(tiles):
         row_tile_normalize(
-            x3, c, *row_tile(j, M, L, rows, chunk, chunks), mean_out[c], scale[c], offset[c], out3
+            x3,
+            c,
+            *row_tile(j, M, L, rows, chunk, chunks),
+            mean_out[c],
+            scale[c],
+            offset[c],
+            out3,
+            stream,
         )
+    if stream:
+        stream_fence()
 
 
 @_kernel
-def rows_forward_train(x3, weight64, offset, eps, out3, stats, tile, resident, parallel):
+def rows_forward_train(x3, weight64, offset, eps, out3, stats, tile, resident, stream, parallel):
     """Fused statistics and normalize; ``stats`` (3, C) receives mean, var and invstd.
 
     ``resident``: one task per channel (for channels that fit in L2), so the normalize pass
@@ -434,6 +586,7 @@ def rows_forward_train(x3, weight64, offset, eps, out3, stats, tile, resident, p
                 var_out,
                 invstd_out,
                 scale,
+                stream,
             )
         return
     tasks = C * tiles
@@ -452,12 +605,32 @@ def rows_forward_train(x3, weight64, offset, eps, out3, stats, tile, resident, p
     if parallel:
         for t in prange(tasks):
             row_normalize_task(
-                x3, tasks - 1 - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3
+                x3,
+                tasks - 1 - t,
+                rows,
+                chunk,
+                chunks,
+                tiles,
+                mean_out,
+                scale,
+                offset,
+                out3,
+                stream,
             )
     else:
         for t in range(tasks):
             row_normalize_task(
-                x3, tasks - 1 - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3
+                x3,
+                tasks - 1 - t,
+                rows,
+                chunk,
+                chunks,
+                tiles,
+                mean_out,
+                scale,
+                offset,
+                out3,
+                stream,
             )
 
 
@@ -752,28 +925,61 @@ def cols_channel_stats(x2, tile, column_block, min_rows, parallel):
 
 
 @_helper
-def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2):
+def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2, stream):
     M, C = x2.shape
     _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
     shift, scale, offset = shift[c0:c1], scale[c0:c1], offset[c0:c1]
     x1, width, cols = flat_rows(x2, c0, c1)
     out1 = out2.reshape(-1)
     for m in range(m0, m1):
-        r0 = row_start(m, width, c0)
-        for c in range(cols):
-            store(out1, r0 + c, (widen(x1[r0 + c]) - shift[c]) * scale[c] + offset[c])
+        col_row_normalize(x1, out1, row_start(m, width, c0), cols, shift, scale, offset, stream)
+    if stream:
+        stream_fence()
+
+
+@_helper
+def col_row_normalize_plain(x1, out1, r0, c0, c1, shift, scale, offset):
+    for c in range(c0, c1):
+        store(out1, r0 + c, (widen(x1[r0 + c]) - shift[c]) * scale[c] + offset[c])
+
+
+def col_row_normalize(x1, out1, r0, cols, shift, scale, offset, stream):
+    """``out1[r0 + c] = (x1[r0 + c] - shift[c]) * scale[c] + offset[c]``, c < cols."""
+
+
+@overload(col_row_normalize, jit_options=_OPTIONS)
+def _col_row_normalize(x1, out1, r0, cols, shift, scale, offset, stream):
+    def plain(x1, out1, r0, cols, shift, scale, offset, stream):
+        col_row_normalize_plain(x1, out1, r0, np.uint64(0), cols, shift, scale, offset)
+
+    if not _streamable(x1, out1):
+        return plain
+
+    def streamed(x1, out1, r0, cols, shift, scale, offset, stream):
+        if not stream:
+            col_row_normalize_plain(x1, out1, r0, np.uint64(0), cols, shift, scale, offset)
+            return
+        # unsigned throughout: r0 is (see row_start), and uint64 + int64 is float64 in Numba
+        head, body, width = stream_split(out1, r0, cols)
+        head, body, width = np.uint64(head), np.uint64(body), np.uint64(width)
+        col_row_normalize_plain(x1, out1, r0, np.uint64(0), head, shift, scale, offset)
+        for c in range(head, head + body, width):
+            stream_affine_columns(x1, r0 + c, out1, r0 + c, shift, scale, offset, c)
+        col_row_normalize_plain(x1, out1, r0, head + body, cols, shift, scale, offset)
+
+    return streamed
 
 
 @_kernel
-def cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows, parallel):
+def cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows, stream, parallel):
     M, C = x2.shape
     rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
     if parallel:
         for t in prange(row_blocks * col_blocks):
-            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
+            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2, stream)
     else:
         for t in range(row_blocks * col_blocks):
-            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2)
+            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2, stream)
 
 
 @_helper  # not a parallel kernel itself: cols_normalize's tiles run on the threads
@@ -789,18 +995,19 @@ def cols_forward_eval(
     tile,
     column_block,
     min_rows,
+    stream,
     parallel,
 ):
     """Evaluation in one call: :func:`eval_coefficients`, then :func:`cols_normalize`."""
     shift, scale, offset = eval_coefficients(
         running_mean, running_var, weight, bias, eps, stats, out2
     )
-    cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows, parallel)
+    cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows, stream, parallel)
 
 
 @_kernel
 def cols_forward_train(
-    x2, weight64, offset, eps, out2, stats, tile, column_block, min_rows, parallel
+    x2, weight64, offset, eps, out2, stats, tile, column_block, min_rows, stream, parallel
 ):
     """Statistics, then normalize; ``stats`` (3, C) receives mean, var and invstd.
 
@@ -825,12 +1032,12 @@ def cols_forward_train(
     if parallel:
         for t in prange(tasks):
             col_normalize_task(
-                x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale, offset, out2
+                x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale, offset, out2, stream
             )
     else:
         for t in range(tasks):
             col_normalize_task(
-                x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale, offset, out2
+                x2, tasks - 1 - t, rows, cols, col_blocks, mean_out, scale, offset, out2, stream
             )
 
 
