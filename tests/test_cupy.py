@@ -221,7 +221,10 @@ SCALAR_TYPES = {"long long": np.int64, "int": np.int32, "double": np.float64}
 
 
 def _bind(kernel: str, dtype, args) -> dict:
-    """Check a launch's arguments against the kernel's C signature; return them by name."""
+    """Check a launch's arguments against the kernel's C signature; return them by name.
+
+    A ``void*`` parameter is a per-channel vector of any float dtype: it must be followed by
+    ``<name>_itemsize`` and ``<name>_stride``, which must describe the array passed."""
     base = kernel.split("<")[0]
     spec = KERNELS[base]
     assert kernel == _launch.kernel_name(base, dtype)
@@ -235,11 +238,18 @@ def _bind(kernel: str, dtype, args) -> dict:
                 assert f"{name} != nullptr" in spec["body"], f"{base}: {name} must not be null"
             else:
                 assert isinstance(value, np.ndarray), f"{base}: {name} must be an array"
-                assert value.dtype == pointee[ctype.removeprefix("const ")[:-1]], (base, name)
+                target = ctype.removeprefix("const ")[:-1]
+                assert target == "void" or value.dtype == pointee[target], (base, name)
                 assert ctype.startswith("const") or value.flags.writeable, (base, name)
         else:
             assert type(value) is SCALAR_TYPES[ctype], f"{base}: {name} must be {ctype}"
         bound[name] = value
+    for ctype, name in spec["params"]:
+        if ctype.endswith("void*") and bound[name] is not None:
+            vector = bound[name]
+            assert vector.dtype.kind == "f" and vector.shape == (int(bound["channels"]),)
+            assert bound[f"{name}_itemsize"] == vector.itemsize, (base, name)
+            assert bound[f"{name}_stride"] * vector.itemsize == vector.strides[0], (base, name)
     return bound
 
 
@@ -283,9 +293,41 @@ def _vec(a, name, cs, default):
     return np.full(len(cs), default) if a[name] is None else a[name][cs].astype(np.float64)
 
 
+def _emulate_per_channel(name: str, acc: np.dtype, a: dict) -> None:
+    """The kernels that stand for Backend defaults: those defaults' NumPy operations, in the
+    dtypes the kernels compute in (NumPy scalars cast first: a float64 scalar would widen)."""
+    if name == "eval_stats":
+        a["mean"][:] = a["running_mean"]
+        var = a["running_var"].astype(np.promote_types(a["running_var"].dtype, acc))
+        var = np.maximum(var, 0)
+        invstd = (1 / np.sqrt(var + var.dtype.type(a["eps"]))).astype(acc)
+        a["invstd"][:] = invstd
+        a["scale"][:] = invstd if a["weight"] is None else a["weight"].astype(acc) * invstd
+        a["shift"][:] = 0 if a["bias"] is None else a["bias"]
+    elif name == "update_running_stats":
+        batch_mean, batch_var = a["batch_mean"], a["batch_var"]
+        assert np.float16 not in (batch_mean.dtype, batch_var.dtype), "not handled by the kernel"
+        keep = acc.type(a["keep"])
+        mean = a["running_mean"].astype(acc) * keep
+        mean += batch_mean.dtype.type(a["momentum"]) * batch_mean
+        var = a["running_var"].astype(acc) * keep
+        var = (var + batch_var.dtype.type(a["var_momentum"]) * batch_var).astype(acc)
+        a["running_mean"][:] = mean
+        a["running_var"][:] = var
+    else:
+        assert name == "param_grads"
+        a["dweight"][:] = a["sum_dy_xmu"] * a["invstd"].astype(acc)
+        a["dbias"][:] = a["sum_dy"]
+
+
 def _emulate(kernel: str, grid, a: dict) -> None:
-    """Compute what ``kernel`` computes, block by block (float64 inside)."""
+    """Compute what ``kernel`` computes, block by block (float64 inside; the per-channel
+    kernels that stand for Backend defaults exactly, in their own dtypes)."""
     name = kernel.split("<")[0]
+    if name in ("eval_stats", "update_running_stats", "param_grads"):
+        acc = np.dtype(np.float64 if kernel.endswith("<double>") else np.float32)
+        _emulate_per_channel(name, acc, a)
+        return
     if name in ("channel_stats_finish", "grad_sums_finish"):
         splits, channels = int(a["splits"]), int(a["channels"])
         parts = [a[k].reshape(splits, channels).astype(np.float64) for k in a if "partial" in k]
@@ -359,10 +401,13 @@ class EmulatedCupyBackend(CupyBackend):
 # -- the real kernels, compiled for the host -------------------------------------------------
 # kernels.cu is plain C++ once the CUDA keywords are defined away: each thread of a block
 # becomes a std::thread, __syncthreads() a barrier, __shared__ a static shared by them (blocks
-# run one after another). The half conversions are PTX, so only float and double run here.
+# run one after another), the rounding intrinsics plain C++ (built without contracting
+# products into fused multiply-adds, as on the device). The half conversions are PTX, so only
+# float and double run here: no launch with a float16 array.
 HOST_SHIM = """
 #include <algorithm>
 #include <barrier>
+#include <bit>
 #include <cmath>
 #include <functional>
 #include <thread>
@@ -380,6 +425,14 @@ inline std::barrier<>* block_barrier;
 using std::max;
 using std::min;
 using std::sqrt;
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline float __double2float_rz(double v) {
+    const float f = float(v);
+    return std::fabs(double(f)) > std::fabs(v) ? std::nextafter(f, 0.0f) : f;
+}
+inline unsigned __float_as_uint(float v) { return std::bit_cast<unsigned>(v); }
+inline float __uint_as_float(unsigned v) { return std::bit_cast<float>(v); }
 """
 HOST_LAUNCH = """
 inline void host_launch(unsigned gx, unsigned gy, unsigned bx, const std::function<void()>& body) {
@@ -436,7 +489,8 @@ def host_kernels(tmp_path_factory):
     library = folder / "host_kernels.so"
     defines = [o for o in _launch.compile_options() if o.startswith("-D")]
     result = subprocess.run(
-        [compiler, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", *defines,
+        [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-pthread",
+         *defines,
          str(unit), "-o", str(library)],
         capture_output=True, text=True,
     )  # fmt: skip
@@ -446,9 +500,16 @@ def host_kernels(tmp_path_factory):
     return ctypes.CDLL(str(library))
 
 
-def _run_on_host(library, kernel: str, dtype, grid, block, args) -> None:
-    base = kernel.split("<")[0]
-    function = getattr(library, f"launch_{base}_{HOST_DTYPES[np.dtype(dtype)]}")
+def _runs_on_host(kernel: str, args) -> bool:
+    """Whether the host build can run this launch: no float16 instantiation or array."""
+    return kernel.endswith(("<float>", "<double>")) and not any(
+        isinstance(a, np.ndarray) and a.dtype == np.float16 for a in args
+    )
+
+
+def _run_on_host(library, kernel: str, grid, block, args) -> None:
+    base, instantiation = kernel.removesuffix(">").split("<")
+    function = getattr(library, f"launch_{base}_{instantiation}")
     values = [ctypes.c_uint(n) for n in ((*grid, 1)[:2] + block)]  # (x, y) grid, x block
     for (ctype, _), value in zip(KERNELS[base]["params"], args):
         if ctype.endswith("*"):
@@ -470,14 +531,15 @@ def emulated(request, monkeypatch):
     def function(kernel, dtype):
         def launch(grid, block, args, **kwargs):
             assert not kwargs, "launch on CuPy's current stream: no stream= or other options"
-            assert block == (_launch.BLOCK_THREADS,) or kernel.endswith("_finish")
+            per_channel = kernel in _launch.ACC_KERNELS
+            assert block == (_launch.FINISH_THREADS if per_channel else _launch.BLOCK_THREADS,)
             name = _launch.kernel_name(kernel, dtype)
             launches.append(name)
             bound = _bind(name, dtype, args)
             if engine == "python":
                 _emulate(name, grid, bound)
-            elif np.dtype(dtype) in HOST_DTYPES:
-                _run_on_host(library, name, dtype, grid, block, args)
+            elif _runs_on_host(name, args):
+                _run_on_host(library, name, grid, block, args)
             else:
                 pytest.skip("the float16 conversions are PTX: no host build")
 
@@ -619,6 +681,15 @@ def test_emulated_empty_arrays_launch_nothing(emulated):
     emulated.normalize(x3, None, np.ones(3, np.float32), None, None, np.empty_like(x3))
     mean, m2 = emulated.channel_stats(np.empty((2, 0, 4), np.float32))
     assert mean.shape == m2.shape == (0,)
+    none = np.empty(0, np.float32)
+    x3 = np.empty((2, 0, 4), np.float32)
+    stats = emulated.forward_eval(x3, none, none, None, None, 1e-5, x3.copy(), np.float32)
+    assert [s.shape for s in stats] == [(0,), (0,)]
+    emulated.update_running_stats(none, none.copy(), none, none, 2, 0.1)
+    assert [g.shape for g in emulated.param_grads(none, none, none, np.float64, np.float64)] == [
+        (0,),
+        (0,),
+    ]
     assert emulated.launches == []
 
 
@@ -648,6 +719,229 @@ def test_emulated_public_api_matches_reference(emulated, monkeypatch, dtype, sha
     for got, want in zip(results["cupy"], results["numpy"], strict=True):
         assert got.dtype == want.dtype
         assert_close(got, want, dtype)
+
+
+# -- the per-channel kernels against the Backend defaults they stand for ----------------------
+PARAM_DTYPES = [np.float16, np.float32, np.float64]
+SENTINEL = 7.0  # fills the gaps of strided vectors, which must stay untouched
+
+
+def _vector(values, dtype, layout: str):
+    """float64 ``values`` as a vector of ``dtype``: contiguous, every other element of a
+    buffer, or reversed (a negative stride)."""
+    if layout == "strided":
+        buffer = np.full(2 * len(values), SENTINEL, dtype)
+        buffer[::2] = values
+        return buffer[::2]
+    if layout == "reversed":
+        return values[::-1].astype(dtype)[::-1]
+    return values.astype(dtype)
+
+
+def _running_stats(channels, dtypes, layout, seed=4):
+    """Running mean and variance, the variance with a negative value and a NaN."""
+    rng = np.random.default_rng(seed)
+    mean = rng.standard_normal(channels) * 3
+    var = rng.uniform(0.1, 4, channels)
+    var[1], var[2], var[3] = -0.5, np.nan, 0.0
+    return _vector(mean, dtypes[0], layout), _vector(var, dtypes[1], layout)
+
+
+def _name(dtype) -> str:
+    return np.dtype(dtype).name
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "reversed", "no_affine"])
+@pytest.mark.parametrize("param", PARAM_DTYPES, ids=_name)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_emulated_eval_matches_reference(emulated, dtype, param, layout):
+    """Evaluation: mean and invstd bit for bit as the default finish_stats computes them
+    (a negative running variance clamped to 0, a NaN kept), y within the tolerance."""
+    x3, _ = _case_arrays("channels_last_40", dtype)
+    channels = x3.shape[1]
+    stat = np.float64 if dtype == np.float64 else np.float32
+    running_mean, running_var = _running_stats(channels, (param, param), layout)
+    rng = np.random.default_rng(6)
+    weight = bias = None
+    if layout != "no_affine":
+        weight = _vector(rng.uniform(0.5, 1.5, channels), param, layout)
+        bias = _vector(rng.standard_normal(channels), param, layout)
+    args = (running_mean, running_var, weight, bias, 1e-3)
+    out, want = np.full_like(x3, np.nan), np.full_like(x3, np.nan)
+    got = emulated.forward_eval(x3, *args, out, stat)
+    expected = NumpyBackend().forward_eval(x3, *args, want, stat)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == stat
+        np.testing.assert_array_equal(g, e)
+    assert np.isnan(got[1][2]) and got[1][1] == got[1][3]  # var -0.5 taken as 0
+    assert_close(out, want, dtype, "y")
+    assert emulated.launches == [
+        _launch.kernel_name("eval_stats", dtype),
+        _launch.kernel_name("normalize", dtype),
+    ]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "reversed"])
+@pytest.mark.parametrize(
+    "batch",
+    [(np.float32,) * 2, (np.float64,) * 2, (np.float32, np.float64)],
+    ids=lambda d: "_".join(map(_name, d)),
+)
+@pytest.mark.parametrize(
+    "running",
+    [(np.float16,) * 2, (np.float32,) * 2, (np.float64,) * 2, (np.float32, np.float64)],
+    ids=lambda d: "_".join(map(_name, d)),
+)
+def test_emulated_update_running_stats_matches_reference(emulated, running, batch, layout):
+    """One launch, in place, bit for bit as the default update (which computes in the
+    promoted dtype of running_mean and batch_mean and rounds each product in the batch's
+    dtype), through strided and reversed views, leaving the gaps of strided ones alone."""
+    running_mean, running_var = _running_stats(40, running, layout)
+    buffers = [v.base if layout == "strided" else v for v in (running_mean, running_var)]
+    want_mean, want_var = running_mean.copy(), running_var.copy()
+    rng = np.random.default_rng(7)
+    batch_mean = _vector(rng.standard_normal(40), batch[0], layout)
+    batch_var = _vector(rng.uniform(0, 3, 40), batch[1], layout)
+    for momentum in (0.1, 0.3):
+        emulated.update_running_stats(
+            running_mean, running_var, batch_mean, batch_var, 37, momentum
+        )
+        NumpyBackend().update_running_stats(
+            want_mean, want_var, batch_mean, batch_var, 37, momentum
+        )
+        np.testing.assert_array_equal(running_mean, want_mean)
+        np.testing.assert_array_equal(running_var, want_var)
+    assert (running_mean.dtype, running_var.dtype) == running
+    if layout == "strided":
+        assert all((b[1::2] == SENTINEL).all() for b in buffers)
+    name = _launch.kernel_name("update_running_stats", np.promote_types(running[0], batch[0]))
+    assert emulated.launches == [name, name]
+
+
+def test_emulated_update_running_stats_float16_batch_uses_the_default(emulated):
+    """float16 batch statistics (only through the public function) round products in
+    float16: left to the default, CuPy operations."""
+    running_mean, running_var = _running_stats(8, (np.float32, np.float32), "contiguous")
+    want_mean, want_var = running_mean.copy(), running_var.copy()
+    batch = np.linspace(0.5, 2, 8).astype(np.float16)
+    emulated.update_running_stats(running_mean, running_var, batch, batch, 5, 0.1)
+    NumpyBackend().update_running_stats(want_mean, want_var, batch, batch, 5, 0.1)
+    np.testing.assert_array_equal(running_mean, want_mean)
+    np.testing.assert_array_equal(running_var, want_var)
+    assert emulated.launches == []
+
+
+@pytest.mark.parametrize("invstd", ["float32", "float64", "float64_reversed", "float16_strided"])
+@pytest.mark.parametrize("param", PARAM_DTYPES, ids=_name)
+@pytest.mark.parametrize("acc", [np.float32, np.float64], ids=_name)
+def test_emulated_param_grads_match_reference(emulated, acc, param, invstd):
+    rng = np.random.default_rng(8)
+    sum_dy, sum_dy_xmu = (rng.standard_normal(40).astype(acc) * 100 for _ in range(2))
+    kind, _, layout = invstd.partition("_")
+    inv = _vector(rng.uniform(0.1, 3, 40), kind, layout or "contiguous")
+    got = emulated.param_grads(sum_dy, sum_dy_xmu, inv, np.dtype(param), np.dtype(param))
+    expected = NumpyBackend().param_grads(sum_dy, sum_dy_xmu, inv, param, param)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == param
+        np.testing.assert_array_equal(g, e)
+    assert emulated.launches == [_launch.kernel_name("param_grads", acc)]
+
+
+@pytest.mark.parametrize(
+    "dtype, param", [(np.float32, np.float32), (np.float16, np.float32), (np.float32, np.float64)]
+)
+def test_emulated_launches_per_public_call(emulated, monkeypatch, dtype, param):
+    """The cost of a call on a GPU is mostly its launches' host time: each public call is a
+    fixed few kernels, and no per-channel step falls back to the Backend defaults, which take
+    one CuPy operation per arithmetic step. Conversions of parameters of another dtype than
+    the accumulation one (one launch each) are counted as ``convert``."""
+    import batchnorm._api as api
+
+    select = api.select_backend
+    monkeypatch.setattr(
+        api, "select_backend", lambda name, x: emulated if name == "cupy" else select(name, x)
+    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Backend default per-channel step ran")
+
+    for step in ("finish_stats", "update_running_stats", "param_grads"):
+        monkeypatch.setattr(bn.Backend, step, refuse)
+
+    def convert(vector, dtype=None):
+        emulated.launches.append("convert")
+        return np.ascontiguousarray(vector, dtype=dtype)
+
+    # Allocation and the core's plumbing only: no elementwise operation of an array module.
+    xp = {"empty": np.empty, "empty_like": np.empty_like, "lib": np.lib}
+    xp.update(may_share_memory=np.may_share_memory, ascontiguousarray=convert)
+    monkeypatch.setattr(emulated, "xp", type(sys)("restricted_xp"))
+    vars(emulated.xp).update(xp)
+
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((4, 3, 6, 5)).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    w, b = np.ones(3, param), np.zeros(3, param)
+    rm, rv = np.zeros(3, param), np.ones(3, param)
+    acc = _launch.accumulation_dtype(dtype)
+    convert_wb = ["convert"] * 2 if param != acc else []
+    convert_w = ["convert"] if param != acc else []
+
+    def launches(call):
+        emulated.launches.clear()
+        call()
+        return [n.split("<")[0] for n in emulated.launches]
+
+    stats = ["channel_stats_partial", "channel_stats_finish"]
+    sums = ["grad_sums_partial", "grad_sums_finish"]
+    _, mean, invstd = bn.forward(x, w, b, backend="cupy")
+    assert launches(lambda: bn.forward(x, w, b, backend="cupy")) == [
+        *stats, *convert_wb, "normalize"
+    ]  # fmt: skip
+    assert launches(lambda: bn.forward(x, w, b, rm, rv, backend="cupy")) == [
+        *stats, *convert_wb, "normalize", "update_running_stats"
+    ]  # fmt: skip
+    assert launches(lambda: bn.forward(x, w, b, rm, rv, training=False, backend="cupy")) == [
+        "eval_stats", "normalize"
+    ]  # fmt: skip
+    assert launches(lambda: bn.backward(dy, x, w, mean, invstd, backend="cupy")) == [
+        *sums, *convert_w, "input_grad", "param_grads"
+    ]  # fmt: skip
+    assert launches(
+        lambda: bn.backward(dy, x, w, mean, invstd, training=False, backend="cupy")
+    ) == [*convert_w, "normalize", *sums, "param_grads"]
+    assert launches(lambda: bn.update_running_stats(rm, rv, mean, invstd, 10, backend="cupy")) == [
+        "update_running_stats"
+    ]
+
+
+def test_kernel_lookup_is_memoised_and_shares_modules(monkeypatch):
+    """A kernel is looked up in its module once per dtype, not per launch; a per-channel
+    kernel comes from a module already compiled for data of the same accumulation type
+    (float16 data with float32 running statistics compile the float16 module only)."""
+    looked_up = []
+
+    class Module:
+        def __init__(self, dtype):
+            self.dtype = dtype
+
+        def get_function(self, name):
+            looked_up.append((self.dtype.name, name))
+            return object()
+
+    monkeypatch.setattr(_kernels, "module_for", Module)
+    monkeypatch.setattr(_kernels, "_functions", {})
+    monkeypatch.setattr(_kernels, "_modules_used", [])
+    first = _kernels.function("normalize", np.dtype(np.float16))
+    assert _kernels.function("normalize", np.dtype(np.float16)) is first
+    for _ in range(2):
+        _kernels.function("update_running_stats", np.float32)
+        _kernels.function("update_running_stats", np.float64)
+    assert looked_up == [
+        ("float16", "normalize<half_bits>"),
+        ("float16", "update_running_stats<float>"),
+        ("float64", "update_running_stats<double>"),
+    ]
 
 
 # -- availability, acceptance and dispatch ---------------------------------------------------
@@ -800,3 +1094,44 @@ def test_device_channels_last_float16_backward():
     )  # fmt: skip
     for g, e in zip(got, want):
         assert_close(cupy.asnumpy(g), e, np.float16)
+
+
+@needs_device
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+def test_device_eval_and_running_stats_match_numpy(dtype):
+    """The per-channel kernels on a device: evaluation statistics and running-statistics
+    updates bit for bit as the numpy backend's defaults (strided running statistics, a
+    negative and a NaN running variance), y and the parameter gradients within tolerance."""
+    import cupy
+
+    rng = np.random.default_rng(10)
+    x = (rng.standard_normal((8, 40, 7, 9)) * 2 + 1).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    param = np.float64 if dtype == np.float64 else np.float32
+    w, b = rng.uniform(0.5, 1.5, 40).astype(param), rng.standard_normal(40).astype(param)
+    host = dict(zip(("rm", "rv"), _running_stats(40, (param, param), "strided")))
+    device = {k: cupy.asarray(v.base)[::2] for k, v in host.items()}
+    dw, db = cupy.asarray(w), cupy.asarray(b)
+
+    got = bn.forward(cupy.asarray(x), dw, db, device["rm"], device["rv"], training=False)
+    want = bn.forward(x, w, b, host["rm"], host["rv"], training=False, backend="numpy")
+    assert_close(cupy.asnumpy(got[0]), want[0], dtype, "y")
+    for g, e in zip(got[1:], want[1:]):
+        np.testing.assert_array_equal(cupy.asnumpy(g), e)
+
+    batch_mean, batch_var = (rng.uniform(0.5, 2, 40).astype(param) for _ in range(2))
+    bn.update_running_stats(
+        device["rm"], device["rv"], cupy.asarray(batch_mean), cupy.asarray(batch_var), 37
+    )
+    bn.update_running_stats(host["rm"], host["rv"], batch_mean, batch_var, 37, backend="numpy")
+    for name in ("rm", "rv"):
+        np.testing.assert_array_equal(cupy.asnumpy(device[name].base), host[name].base)
+
+    got = bn.forward(cupy.asarray(x), dw, db, device["rm"], device["rv"])
+    want = bn.forward(x, w, b, host["rm"], host["rv"], backend="numpy")
+    for g, e in zip((*got, device["rm"], device["rv"]), (*want, host["rm"], host["rv"])):
+        assert_close(cupy.asnumpy(g), e, dtype)
+    grads = bn.backward(cupy.asarray(dy), cupy.asarray(x), dw, *got[1:])
+    want_grads = bn.backward(dy, x, w, *want[1:], backend="numpy")
+    for g, e in zip(grads, want_grads):
+        assert_close(cupy.asnumpy(g), e, dtype)

@@ -4,7 +4,12 @@ Statistics and gradient sums are one pass each over the data: a 2-D grid of bloc
 of the reduced positions x tiles of channels) writes per-split partial results (Welford/Chan
 mean and M2, or plain sums), which a per-channel kernel merges in a fixed order, so results are
 deterministic. Normalization and the input gradient are single fused elementwise passes.
-Every array is read through its own strides; float16 is computed in float32.
+Every array is read through its own strides; float16 is computed in float32. The per-channel
+steps (evaluation statistics, running-statistics update, parameter gradients) are one small
+kernel each, which takes vectors of any float dtype and stride as they are, so a public call
+is a fixed handful of launches, not one CuPy operation per arithmetic step: forward-train 3,
+and 1 more with running statistics; forward-eval 2; backward-train 4 (and one conversion per
+weight or bias whose dtype is not the computation dtype, in training).
 
 Everything runs on CuPy's current stream of the device holding the input, and nothing waits
 for the device. Importing this module never imports CuPy; :meth:`CupyBackend.unavailable_reason`
@@ -51,6 +56,15 @@ def _multiprocessor_count(device_id: int) -> int:
 
     runtime = cupy.cuda.runtime
     return runtime.deviceGetAttribute(runtime.cudaDevAttrMultiProcessorCount, device_id)
+
+
+def _any_vector(vector) -> tuple:
+    """Kernel arguments of a per-channel vector of any float dtype and stride: the array (a
+    pointer to element 0; None is a null pointer), its element size and its element stride."""
+    if vector is None:
+        return None, np.int32(0), np.int64(0)
+    (stride,) = element_strides(vector.strides, vector.itemsize)
+    return vector, np.int32(vector.itemsize), np.int64(stride)
 
 
 def _view_args(array3) -> tuple:
@@ -226,13 +240,104 @@ class CupyBackend(Backend):
                 ),
             )
 
-    # -- fused path ---------------------------------------------------------------------------
+    # -- fused paths ---------------------------------------------------------------------------
     def forward_train(self, x3, weight, bias, eps: float, out3, stat_dtype):
         """Statistics with var and invstd from the finishing kernel, then one normalize pass."""
         with self._device(x3):
             mean, _, var, invstd = self._stats(x3, eps=eps)
             self.normalize(x3, mean, invstd, weight, bias, out3)
-            return tuple(a.astype(stat_dtype, copy=False) for a in (mean, var, invstd))
+        stats = (mean, var, invstd)
+        if mean.dtype == stat_dtype:  # always, through the public API
+            return stats
+        return tuple(a.astype(stat_dtype) for a in stats)
+
+    def forward_eval(self, x3, running_mean, running_var, weight, bias, eps, out3, stat_dtype):
+        """One per-channel kernel (mean, invstd and the affine coefficients), then normalize."""
+        acc = accumulation_dtype(x3.dtype)
+        if acc != stat_dtype:  # never through the public API
+            return super().forward_eval(
+                x3, running_mean, running_var, weight, bias, eps, out3, stat_dtype
+            )
+        channels = x3.shape[1]
+        with self._device(x3):
+            # invstd, then normalize's coefficients: weight * invstd, and bias (or zeros)
+            mean, invstd, scale, shift = self.xp.empty((4, channels), acc)
+            if channels:
+                self._run(
+                    "eval_stats",
+                    acc,
+                    finish_grid(channels),
+                    (FINISH_THREADS,),
+                    (
+                        *_any_vector(running_mean),
+                        *_any_vector(running_var),
+                        *_any_vector(weight),
+                        *_any_vector(bias),
+                        np.int32(channels),
+                        np.float64(eps),
+                        mean,
+                        invstd,
+                        scale,
+                        shift,
+                    ),
+                )
+            self.normalize(x3, mean, scale, None, shift, out3)
+        return mean, invstd
+
+    # -- per-channel steps: one kernel each ----------------------------------------------------
+    def update_running_stats(
+        self, running_mean, running_var, batch_mean, batch_var, count: int, momentum: float
+    ) -> None:
+        if batch_mean.dtype == np.float16 or batch_var.dtype == np.float16:
+            # The default rounds products to float16 (reachable only through the public
+            # update_running_stats): left to CuPy's float16 arithmetic.
+            super().update_running_stats(
+                running_mean, running_var, batch_mean, batch_var, count, momentum
+            )
+            return
+        channels = running_mean.shape[0]
+        if channels == 0:
+            return
+        with self._device(running_mean):
+            self._run(
+                "update_running_stats",
+                np.promote_types(running_mean.dtype, batch_mean.dtype),
+                finish_grid(channels),
+                (FINISH_THREADS,),
+                (
+                    *_any_vector(running_mean),
+                    *_any_vector(running_var),
+                    *_any_vector(batch_mean),
+                    *_any_vector(batch_var),
+                    np.int32(channels),
+                    np.float64(1 - momentum),
+                    np.float64(momentum),
+                    np.float64(momentum * count / (count - 1)),  # as the default computes it
+                ),
+            )
+
+    def param_grads(self, sum_dy, sum_dy_xmu, invstd, weight_dtype, bias_dtype):
+        channels = sum_dy.shape[0]
+        acc = accumulation_dtype(sum_dy_xmu.dtype)
+        with self._device(sum_dy):
+            dweight = self.xp.empty(channels, weight_dtype)
+            dbias = self.xp.empty(channels, bias_dtype)
+            if channels:
+                self._run(
+                    "param_grads",
+                    acc,
+                    finish_grid(channels),
+                    (FINISH_THREADS,),
+                    (
+                        self._vector(sum_dy, acc),
+                        self._vector(sum_dy_xmu, acc),
+                        *_any_vector(invstd),
+                        np.int32(channels),
+                        *_any_vector(dweight),
+                        *_any_vector(dbias),
+                    ),
+                )
+        return dweight, dbias
 
     # -- helpers (overridden by the CPU tests, which emulate the kernels) ------------------------
     def _stats(self, x3, eps: float | None):
@@ -287,10 +392,11 @@ class CupyBackend(Backend):
         )
 
     def _vector(self, vector, acc):
-        """A per-channel argument as a contiguous array of ``acc`` (None stays a null pointer)."""
-        if vector is None:
-            return None
-        return self.xp.ascontiguousarray(vector.astype(acc, copy=False))
+        """A per-channel argument as a contiguous array of ``acc`` (None stays a null pointer);
+        a copy, one launch, only when it has another dtype or is not contiguous."""
+        if vector is None or (vector.dtype == acc and vector.flags.c_contiguous):
+            return vector
+        return self.xp.ascontiguousarray(vector, dtype=acc)
 
     def _device(self, array) -> contextlib.AbstractContextManager:
         """Makes the device holding ``array`` current, with its current stream."""

@@ -33,7 +33,40 @@ def module_for(dtype: np.dtype):
     )
 
 
+#: (kernel, dtype) -> cupy.RawKernel, which loads itself on each device it is called on.
+_functions: dict = {}
+#: Data dtypes whose module has been compiled, in order of first use.
+_modules_used: list = []
+
+
 def function(kernel: str, dtype):
-    """The compiled ``kernel`` for data of ``dtype`` on the current device."""
-    dtype = np.dtype(dtype)
-    return module_for(dtype).get_function(_launch.kernel_name(kernel, dtype))
+    """The compiled ``kernel`` for data of ``dtype``, run on the current device when called.
+
+    Memoised: ``RawModule.get_function`` builds a new kernel object and asks the driver for
+    the function again on every call, host time that would otherwise be part of each launch.
+    """
+    key = (kernel, dtype)
+    found = _functions.get(key)
+    if found is None:
+        dtype = np.dtype(dtype)
+        name = _launch.kernel_name(kernel, dtype)
+        found = _functions[key] = _module_with(kernel, dtype).get_function(name)
+    return found
+
+
+def _module_with(kernel: str, dtype: np.dtype):
+    """The module to take ``kernel`` for ``dtype`` from.
+
+    A kernel templated on the accumulation type is in every module whose data has that
+    accumulation type (float16's and float32's both have the ``float`` ones), so one already
+    compiled is used rather than a second compiled for it: float16 data with float32 running
+    statistics needs only the float16 module.
+    """
+    if kernel in _launch.ACC_KERNELS:
+        acc = _launch.accumulation_dtype(dtype)
+        for used in _modules_used:
+            if _launch.accumulation_dtype(used) == acc:
+                return module_for(used)
+    if dtype not in _modules_used:
+        _modules_used.append(dtype)
+    return module_for(dtype)

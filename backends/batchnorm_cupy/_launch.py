@@ -34,9 +34,16 @@ CTYPES = {
     np.dtype(np.float32): "float",
     np.dtype(np.float64): "double",
 }
-#: Kernels templated on the data type and those templated on the accumulation type.
+#: Kernels templated on the data type, and the per-channel kernels (one thread per channel,
+#: :data:`FINISH_THREADS` a block), templated on the accumulation type.
 DATA_KERNELS = ("channel_stats_partial", "grad_sums_partial", "normalize", "input_grad")
-ACC_KERNELS = ("channel_stats_finish", "grad_sums_finish")
+ACC_KERNELS = (
+    "channel_stats_finish",
+    "grad_sums_finish",
+    "eval_stats",
+    "update_running_stats",
+    "param_grads",
+)
 
 
 def accumulation_dtype(dtype) -> np.dtype:

@@ -16,6 +16,12 @@
 // Reductions write one partial per (split, channel) into [splits, C] buffers; a finishing
 // kernel merges the splits in order, so results are deterministic (no float atomics).
 // float16 is loaded into float; float and float16 accumulate in float, double in double.
+//
+// The per-channel kernels (one thread per channel) take the caller's parameters and running
+// statistics as they are: a pointer to element 0, the element size in bytes (2, 4 or 8 for
+// float16, float32, float64) and a stride in elements. So no conversion or copy runs before
+// them, and each replaces the several CuPy operations of the Backend default it stands for,
+// with the same operations in the same dtypes (the same results, bit for bit).
 
 #ifndef BN_BLOCK_THREADS
 #error "define BN_BLOCK_THREADS (batchnorm_cupy._launch.BLOCK_THREADS)"
@@ -62,6 +68,56 @@ __device__ __forceinline__ void store(half_bits* p, float v) {
 }
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(double* p, double v) { *p = v; }
+// Rounded once, as NumPy's and CuPy's float64 -> float16 casts are (PTX converts f64 to f16
+// directly only from sm_70 on): rounding to odd into float keeps enough bits (24 > 11 + 2) for
+// the rounding to nearest into half to come out as if taken from the double.
+__device__ __forceinline__ void store(half_bits* p, double v) {
+    float f = __double2float_rz(v);
+    if (double(f) != v) f = __uint_as_float(__float_as_uint(f) | 1u);  // a NaN stays NaN
+    store(p, f);
+}
+
+// Products that round on their own, as separate CuPy/NumPy operations do: nvcc would otherwise
+// contract a product and the sum it feeds into one fused multiply-add, rounded once.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// Element c of a per-channel vector of any float dtype (see the top of this file), as A.
+template <typename A>
+__device__ __forceinline__ A load_any(const void* p, int itemsize, long long stride, long long c) {
+    const long long i = c * stride;
+    if (itemsize == 2) return A(to_acc(static_cast<const half_bits*>(p)[i]));
+    if (itemsize == 4) return A(static_cast<const float*>(p)[i]);
+    return A(static_cast<const double*>(p)[i]);
+}
+
+template <typename A>
+__device__ __forceinline__ void store_any(void* p, int itemsize, long long stride, long long c,
+                                          A v) {
+    const long long i = c * stride;
+    if (itemsize == 2) {
+        store(static_cast<half_bits*>(p) + i, v);
+    } else if (itemsize == 4) {
+        static_cast<float*>(p)[i] = float(v);
+    } else {
+        static_cast<double*>(p)[i] = double(v);
+    }
+}
+
+// factor * element c of a float or double vector, rounded in that vector's dtype (a float16
+// vector is not handled: the backend leaves those to CuPy). Returned exactly, as a double.
+__device__ __forceinline__ double scaled_any(const void* p, int itemsize, long long stride,
+                                             long long c, double factor) {
+    if (itemsize == 4) return mul_rn(float(factor), load_any<float>(p, itemsize, stride, c));
+    return mul_rn(factor, load_any<double>(p, itemsize, stride, c));
+}
+
+// 1 / sqrt(max(var, 0) + eps) in V, eps rounded to V first.
+template <typename V>
+__device__ __forceinline__ V invstd_of(V var, double eps) {
+    var = var < V(0) ? V(0) : var;  // a NaN stays NaN
+    return V(1) / sqrt(var + V(eps));
+}
 
 // Which channel and which positions of the plane one thread of a block works on.
 struct BlockShare {
@@ -295,6 +351,85 @@ __global__ void grad_sums_finish(const A* __restrict__ partial_dy,
         }
         sum_dy[c] = total.dy;
         sum_dy_xmu[c] = total.dy_xmu;
+    }
+}
+
+// Evaluation from running statistics (Backend.forward_eval's finish_stats with count 1): mean, a
+// copy of running_mean in A, and invstd = 1 / sqrt(max(running_var, 0) + eps), computed in the
+// wider of A and running_var's dtype and then rounded to A. Also normalize's coefficients in A:
+// scale = weight * invstd and shift = bias (weight and bias may be null: 1 and 0).
+template <typename A>
+__global__ void eval_stats(const void* __restrict__ running_mean, int running_mean_itemsize,
+                           long long running_mean_stride, const void* __restrict__ running_var,
+                           int running_var_itemsize, long long running_var_stride,
+                           const void* __restrict__ weight, int weight_itemsize,
+                           long long weight_stride, const void* __restrict__ bias,
+                           int bias_itemsize, long long bias_stride, int channels, double eps,
+                           A* __restrict__ mean, A* __restrict__ invstd, A* __restrict__ scale,
+                           A* __restrict__ shift) {
+    for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < channels;
+         c += (long long)gridDim.x * blockDim.x) {
+        mean[c] = load_any<A>(running_mean, running_mean_itemsize, running_mean_stride, c);
+        const A inv =
+            sizeof(A) == 8 || running_var_itemsize == 8
+                ? A(invstd_of(
+                      load_any<double>(running_var, running_var_itemsize, running_var_stride, c),
+                      eps))
+                : A(invstd_of(
+                      load_any<float>(running_var, running_var_itemsize, running_var_stride, c),
+                      eps));
+        invstd[c] = inv;
+        scale[c] =
+            weight != nullptr ? load_any<A>(weight, weight_itemsize, weight_stride, c) * inv : inv;
+        shift[c] = bias != nullptr ? load_any<A>(bias, bias_itemsize, bias_stride, c) : A(0);
+    }
+}
+
+// In place, as Backend.update_running_stats: running = (1 - momentum) * running + momentum *
+// batch, where the variance takes momentum * count / (count - 1) (var_momentum) times the biased
+// batch variance. Computed in A, the promoted dtype of running_mean and batch_mean; each batch
+// value is scaled in its own dtype (float or double); a sum with a double batch variance is
+// taken in double; results are stored in the running vectors' dtypes.
+template <typename A>
+__global__ void update_running_stats(void* __restrict__ running_mean, int running_mean_itemsize,
+                                     long long running_mean_stride,
+                                     void* __restrict__ running_var, int running_var_itemsize,
+                                     long long running_var_stride,
+                                     const void* __restrict__ batch_mean, int batch_mean_itemsize,
+                                     long long batch_mean_stride,
+                                     const void* __restrict__ batch_var, int batch_var_itemsize,
+                                     long long batch_var_stride, int channels, double keep,
+                                     double momentum, double var_momentum) {
+    for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < channels;
+         c += (long long)gridDim.x * blockDim.x) {
+        const A old_mean = load_any<A>(running_mean, running_mean_itemsize, running_mean_stride, c);
+        const A old_var = load_any<A>(running_var, running_var_itemsize, running_var_stride, c);
+        const double mean_step =
+            scaled_any(batch_mean, batch_mean_itemsize, batch_mean_stride, c, momentum);
+        const double var_step =
+            scaled_any(batch_var, batch_var_itemsize, batch_var_stride, c, var_momentum);
+        const A mean = mul_rn(old_mean, A(keep)) + A(mean_step);
+        A var = mul_rn(old_var, A(keep));
+        var = batch_var_itemsize == 8 ? A(double(var) + var_step) : var + A(var_step);
+        store_any(running_mean, running_mean_itemsize, running_mean_stride, c, mean);
+        store_any(running_var, running_var_itemsize, running_var_stride, c, var);
+    }
+}
+
+// dweight = sum_dy_xmu * invstd (invstd of any float dtype, taken as A) and dbias = sum_dy,
+// stored in the parameters' dtypes (Backend.param_grads).
+template <typename A>
+__global__ void param_grads(const A* __restrict__ sum_dy, const A* __restrict__ sum_dy_xmu,
+                            const void* __restrict__ invstd, int invstd_itemsize,
+                            long long invstd_stride, int channels, void* __restrict__ dweight,
+                            int dweight_itemsize, long long dweight_stride,
+                            void* __restrict__ dbias, int dbias_itemsize,
+                            long long dbias_stride) {
+    for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < channels;
+         c += (long long)gridDim.x * blockDim.x) {
+        const A inv = load_any<A>(invstd, invstd_itemsize, invstd_stride, c);
+        store_any(dweight, dweight_itemsize, dweight_stride, c, sum_dy_xmu[c] * inv);
+        store_any(dbias, dbias_itemsize, dbias_stride, c, sum_dy[c]);
     }
 }
 
