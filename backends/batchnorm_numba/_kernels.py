@@ -319,22 +319,20 @@ def stream_split(out, first, length):
     return head, (length - head) // width * width, width
 
 
-def row_normalize(x3, c, m, l0, l1, shift, scale, offset, out3, stream):
-    """``out3[m, c, l0:l1] = (x3[m, c, l0:l1] - shift) * scale + offset``."""
+def row_normalize_streamed(x3, c, m, l0, l1, shift, scale, offset, out3):
+    """``out3[m, c, l0:l1] = (x3[m, c, l0:l1] - shift) * scale + offset``, streamed where the
+    dtypes allow it (float16 is never streamed: the callers' plain loop handles it)."""
 
 
-@overload(row_normalize, jit_options=_OPTIONS)
-def _row_normalize(x3, c, m, l0, l1, shift, scale, offset, out3, stream):
-    def plain(x3, c, m, l0, l1, shift, scale, offset, out3, stream):
+@overload(row_normalize_streamed, jit_options=_OPTIONS)
+def _row_normalize_streamed(x3, c, m, l0, l1, shift, scale, offset, out3):
+    def plain(x3, c, m, l0, l1, shift, scale, offset, out3):
         row_normalize_plain(x3, c, m, l0, l1, shift, scale, offset, out3)
 
     if not _streamable(x3, out3):
         return plain
 
-    def streamed(x3, c, m, l0, l1, shift, scale, offset, out3, stream):
-        if not stream:
-            row_normalize_plain(x3, c, m, l0, l1, shift, scale, offset, out3)
-            return
+    def streamed(x3, c, m, l0, l1, shift, scale, offset, out3):
         _, C, L = x3.shape
         first = (m * C + c) * L + l0  # flat index of [m, c, l0] in both (C-contiguous)
         head, body, width = stream_split(out3, first, l1 - l0)
@@ -407,9 +405,15 @@ def row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles):
 
 
 @_helper
-def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3, stream=False):
+def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3, stream):
+    if stream:
+        for m in range(m0, m1):
+            row_normalize_streamed(x3, c, m, l0, l1, shift, scale, offset, out3)
+        return
+    u0, length = span(l0, l1)
     for m in range(m0, m1):
-        row_normalize(x3, c, m, l0, l1, shift, scale, offset, out3, stream)
+        for i in range(length):
+            store(out3, (m, c, u0 + i), (widen(x3[m, c, u0 + i]) - shift) * scale + offset)
 
 
 @_helper
@@ -931,10 +935,15 @@ def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2
     shift, scale, offset = shift[c0:c1], scale[c0:c1], offset[c0:c1]
     x1, width, cols = flat_rows(x2, c0, c1)
     out1 = out2.reshape(-1)
-    for m in range(m0, m1):
-        col_row_normalize(x1, out1, row_start(m, width, c0), cols, shift, scale, offset, stream)
     if stream:
+        for m in range(m0, m1):
+            col_row_streamed(x1, out1, row_start(m, width, c0), cols, shift, scale, offset)
         stream_fence()
+        return
+    for m in range(m0, m1):
+        r0 = row_start(m, width, c0)
+        for c in range(cols):
+            store(out1, r0 + c, (widen(x1[r0 + c]) - shift[c]) * scale[c] + offset[c])
 
 
 @_helper
@@ -943,22 +952,20 @@ def col_row_normalize_plain(x1, out1, r0, c0, c1, shift, scale, offset):
         store(out1, r0 + c, (widen(x1[r0 + c]) - shift[c]) * scale[c] + offset[c])
 
 
-def col_row_normalize(x1, out1, r0, cols, shift, scale, offset, stream):
-    """``out1[r0 + c] = (x1[r0 + c] - shift[c]) * scale[c] + offset[c]``, c < cols."""
+def col_row_streamed(x1, out1, r0, cols, shift, scale, offset):
+    """``out1[r0 + c] = (x1[r0 + c] - shift[c]) * scale[c] + offset[c]`` for c < cols,
+    streamed where the dtypes allow it (see :func:`row_normalize_streamed`)."""
 
 
-@overload(col_row_normalize, jit_options=_OPTIONS)
-def _col_row_normalize(x1, out1, r0, cols, shift, scale, offset, stream):
-    def plain(x1, out1, r0, cols, shift, scale, offset, stream):
+@overload(col_row_streamed, jit_options=_OPTIONS)
+def _col_row_streamed(x1, out1, r0, cols, shift, scale, offset):
+    def plain(x1, out1, r0, cols, shift, scale, offset):
         col_row_normalize_plain(x1, out1, r0, np.uint64(0), cols, shift, scale, offset)
 
     if not _streamable(x1, out1):
         return plain
 
-    def streamed(x1, out1, r0, cols, shift, scale, offset, stream):
-        if not stream:
-            col_row_normalize_plain(x1, out1, r0, np.uint64(0), cols, shift, scale, offset)
-            return
+    def streamed(x1, out1, r0, cols, shift, scale, offset):
         # unsigned throughout: r0 is (see row_start), and uint64 + int64 is float64 in Numba
         head, body, width = stream_split(out1, r0, cols)
         head, body, width = np.uint64(head), np.uint64(body), np.uint64(width)
