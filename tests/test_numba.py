@@ -172,7 +172,14 @@ def test_fused_eval_is_bit_identical_to_the_composed_steps(
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize(
     ("shape", "axis"),
-    [((4, 6, 5, 37), 1), ((16, 3, 48, 48), 1), ((300, 37), 1), ((96, 5, 7, 64), -1)],
+    [
+        ((4, 6, 5, 37), 1),
+        ((16, 3, 48, 48), 1),
+        ((300, 37), 1),
+        ((2000, 3), 1),  # fewer channels than a vector holds
+        ((96, 5, 7, 64), -1),
+        ((70, 1100), 1),  # column blocks: streamed row by row
+    ],
 )
 @pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
 def test_streaming_stores_are_bit_identical_to_plain_stores(

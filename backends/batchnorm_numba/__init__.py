@@ -171,7 +171,12 @@ def _tiling(x: np.ndarray) -> tuple[int, ...]:
 def _stream(out: np.ndarray) -> bool:
     """Whether ``out`` is written with non-temporal stores: large enough to leave the caches,
     in contiguous runs (a tile's rows) long enough that few cache lines mix both stores."""
-    run = min(out.shape[1], config.COLUMN_BLOCK) if out.ndim == 2 else out.shape[2]
+    if out.ndim == 2:  # whole rows make one run per tile; a column block, one per row
+        C = out.shape[1]
+        run = C * max(config.MIN_ROWS_PER_TILE, config.TILE_ELEMENTS // C)
+        run = run if C <= config.COLUMN_BLOCK else config.COLUMN_BLOCK
+    else:
+        run = out.shape[2]
     return out.nbytes >= config.STREAM_BYTES and run * out.itemsize >= config.STREAM_RUN_BYTES
 
 

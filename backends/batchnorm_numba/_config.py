@@ -42,9 +42,10 @@ RESIDENT_MIN_CHANNELS = 16
 #: (64, 3, 224, 224) 1.11x and 1.30x, (8192, 1024) 1.08x and 1.23x.
 STREAM_BYTES = 8 << 20
 
-#: ... and whose rows (the contiguous runs a tile writes: L channels-first, up to
-#: COLUMN_BLOCK channels channels-last) have at least this many bytes. Each run starts and
-#: ends with plain stores up to 32-byte boundaries, and a cache line written both ways is
-#: slow: 256-byte rows, as in (32, 56, 56, 64) channels-last, made forward-eval 2.6x slower;
-#: 2 KiB rows, as in (16384, 512), 1.25x faster.
+#: ... and whose contiguous runs have at least this many bytes: channels-first, rows of L
+#: values; channels-last, a whole tile when it spans all C channels (C <= COLUMN_BLOCK), else
+#: rows of COLUMN_BLOCK values. Each run starts and ends with plain stores up to 32-byte
+#: boundaries, and a cache line written both ways is slow: streaming (32, 56, 56, 64)
+#: channels-last row by row (256-byte runs) made forward-eval 2.6x slower; as whole tiles,
+#: 1.1-1.2x faster.
 STREAM_RUN_BYTES = 2048

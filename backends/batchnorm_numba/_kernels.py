@@ -935,6 +935,10 @@ def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2
     shift, scale, offset = shift[c0:c1], scale[c0:c1], offset[c0:c1]
     x1, width, cols = flat_rows(x2, c0, c1)
     out1 = out2.reshape(-1)
+    if stream and col_blocks == 1:  # whole rows: the tile is one contiguous run
+        col_block_streamed(x1, out1, m0 * C, (m1 - m0) * C, C, shift, scale, offset)
+        stream_fence()
+        return
     if stream:
         for m in range(m0, m1):
             col_row_streamed(x1, out1, row_start(m, width, c0), cols, shift, scale, offset)
@@ -973,6 +977,53 @@ def _col_row_streamed(x1, out1, r0, cols, shift, scale, offset):
         for c in range(head, head + body, width):
             stream_affine_columns(x1, r0 + c, out1, r0 + c, shift, scale, offset, c)
         col_row_normalize_plain(x1, out1, r0, head + body, cols, shift, scale, offset)
+
+    return streamed
+
+
+@_helper
+def periodic(v, extra):
+    """``v`` followed by its first ``extra`` values, repeated as needed (``v[j % v.size]``):
+    a vector of ``w <= extra`` coefficients from any column on, wrapping at the row end."""
+    out = np.empty(v.size + extra, v.dtype)
+    for j in range(out.size):
+        out[j] = v[j % v.size]
+    return out
+
+
+def col_block_streamed(x1, out1, first, total, C, shift, scale, offset):
+    """``out1[first + k] = (x1[first + k] - shift[c]) * scale[c] + offset[c]``, c the column
+    of element k (``first`` starts a row), for ``k < total``: whole rows streamed as one run,
+    so only its two ends mix plain and streamed stores in a cache line."""
+
+
+@overload(col_block_streamed, jit_options=_OPTIONS)
+def _col_block_streamed(x1, out1, first, total, C, shift, scale, offset):
+    def plain(x1, out1, first, total, C, shift, scale, offset):
+        for k in range(total):
+            c = k % C
+            store(out1, first + k, (widen(x1[first + k]) - shift[c]) * scale[c] + offset[c])
+
+    if not _streamable(x1, out1):
+        return plain
+
+    def streamed(x1, out1, first, total, C, shift, scale, offset):
+        head, body, width = stream_split(out1, first, total)
+        shift_p = periodic(shift, width)
+        scale_p = periodic(scale, width)
+        offset_p = periodic(offset, width)
+        for k in range(head):
+            c = k % C
+            out1[first + k] = (x1[first + k] - shift[c]) * scale[c] + offset[c]
+        c = head % C
+        for k in range(first + head, first + head + body, width):
+            stream_affine_columns(x1, k, out1, k, shift_p, scale_p, offset_p, c)
+            c += width
+            while c >= C:
+                c -= C
+        for k in range(head + body, total):
+            c = k % C
+            out1[first + k] = (x1[first + k] - shift[c]) * scale[c] + offset[c]
 
     return streamed
 
