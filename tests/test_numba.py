@@ -185,8 +185,9 @@ def test_fused_eval_is_bit_identical_to_the_composed_steps(
 def test_streaming_stores_are_bit_identical_to_plain_stores(
     monkeypatch, dtype, shape, axis, misaligned
 ):
-    """Non-temporal stores (outputs of STREAM_BYTES and more) change no bit of the results,
-    whatever the output's alignment: rows start with plain stores up to a 32-byte boundary."""
+    """Non-temporal stores (outputs of STREAM_BYTES and more: y, and dx of backward) change no
+    bit of the results, whatever the output's alignment: runs start with plain stores up to a
+    32-byte boundary."""
     rng = np.random.default_rng(8)
     channels = shape[axis]
     x = _data(shape, dtype)
@@ -207,6 +208,9 @@ def test_streaming_stores_are_bit_identical_to_plain_stores(
                 out=out, backend="numba",
             )  # fmt: skip
             outs += [out, *stats]
+        dy = _data(shape, dtype)[::-1].copy()
+        mean, invstd = outs[2:4]  # of the training forward: outs = [out, y, mean, invstd, ...]
+        outs += bn.backward(dy, x, w, mean, invstd, axis=axis, backend="numba")
         results[stream_bytes] = outs
     for plain, streamed in zip(results[1 << 62], results[0]):
         assert plain.tobytes() == streamed.tobytes()

@@ -325,7 +325,7 @@ class NumbaBackend(Backend):
         kernel = kernels.cols_input_grad if x.ndim == 2 else kernels.rows_input_grad
         out, pending = _output(out3)
         with _launch(parallel):
-            kernel(dy, x, coefs, out, *_tiling(x), parallel)
+            kernel(dy, x, coefs, out, *_tiling(x), _stream(out), parallel)
         _publish(out, pending)
 
     # -- fused: one kernel call each ------------------------------------------------------------
@@ -402,7 +402,7 @@ class NumbaBackend(Backend):
         with _launch(parallel):
             if x.ndim == 2:
                 sums = kernels.cols_backward_train(
-                    dy, x, mean64, invstd64, weight64, out, *_tiling(x), parallel
+                    dy, x, mean64, invstd64, weight64, out, *_tiling(x), _stream(out), parallel
                 )
             else:
                 sums = kernels.rows_backward_train(
@@ -414,6 +414,7 @@ class NumbaBackend(Backend):
                     out,
                     config.TILE_ELEMENTS,
                     _resident(x, arrays=2),
+                    _stream(out),
                     parallel,
                 )
         _publish(out, pending)

@@ -21,7 +21,7 @@ arrays from one about 1.5 us more: results go into arrays passed in). With ``res
 they run one task per channel, for channels that fit in L2, so their second pass reads
 from cache; otherwise their second pass takes the tiles last to first, starting with those
 still in cache. Forward-eval is one kernel: per-channel coefficients, then normalize.
-Normalize passes write large outputs with non-temporal stores (see "streaming stores").
+Normalize and dx passes write large outputs with non-temporal stores ("streaming stores").
 """
 
 import numpy as np
@@ -215,79 +215,111 @@ def eval_coefficients(running_mean, running_var, weight, bias, eps, stats, like)
 # An output larger than the caches is written with non-temporal stores: a plain store first
 # reads the line it writes (a third pass over memory next to reading x and writing y) and
 # evicts input that a fused kernel is about to read a second time. LLVM's vectoriser never
-# emits them (it wants vector-aligned stores), so :func:`stream_affine` writes one aligned
-# 32-byte vector itself; rows start with plain stores up to the first aligned address.
+# emits them (it wants vector-aligned stores), so the intrinsics below compute and store one
+# aligned 32-byte vector themselves; a run starts and ends with plain stores up to the first
+# aligned address. Their arithmetic is the plain loops' own: ``llvm.fmuladd`` is what the
+# ``contract`` flag makes of ``a * b + c`` (one fused multiply-add where the CPU has it), so
+# streamed and plain elements round alike (``test_streaming_stores_are_bit_identical...``).
 STREAM_VECTOR_BYTES = 32
 
 
-def _stream_affine_codegen(dtype, width, per_column):
-    """IR of :func:`stream_affine` / :func:`stream_affine_columns`."""
+def _affine(builder, fmuladd, inputs, coefficients):
+    """``(x - shift) * scale + offset``: the normalize formula."""
+    (x,), (shift, scale, offset) = inputs, coefficients
+    return builder.call(fmuladd, [builder.fsub(x, shift), scale, offset])
 
-    def codegen(context, builder, signature, args):
-        element = context.get_value_type(dtype)
-        vector = ir.VectorType(element, width)
+
+def _input_grad(builder, fmuladd, inputs, coefficients):
+    """``(dy - mean_dy - (x - mean) * coef) * scale``: the training-mode dx formula."""
+    (dy, x), (mean, mean_dy, coef, scale) = inputs, coefficients
+    centred = builder.fsub(x, mean)
+    return builder.fmul(
+        builder.call(fmuladd, [builder.fneg(centred), coef, builder.fsub(dy, mean_dy)]), scale
+    )
+
+
+_FORMULAS = {"affine": (_affine, 1, 3), "input_grad": (_input_grad, 2, 4)}
+
+
+def _stream_signature(formula, per_column, args):
+    """Signature and code of an intrinsic ``(*inputs, i, out, *coefficients[, ci])``:
+    ``out.flat[i:i + w]`` gets the formula of ``inputs.flat[i:i + w]``, one 32-byte vector
+    (w elements) stored non-temporally (``out``'s address at i must be aligned).
+    Coefficients are scalars, or with ``per_column`` arrays read as ``coefficient[ci:]``."""
+    build, n_inputs, n_coefficients = _FORMULAS[formula]
+    inputs, out = args[:n_inputs], args[n_inputs + 1]
+    coefficients = args[n_inputs + 2 : n_inputs + 2 + n_coefficients]
+    if len(args) != n_inputs + 2 + n_coefficients + per_column:
+        return None
+    if out.dtype not in (types.float32, types.float64):
+        return None
+    if any(a.dtype != out.dtype for a in inputs):
+        return None
+    kinds = [c.dtype if per_column else c for c in coefficients]
+    if any(k != out.dtype for k in kinds):
+        return None
+    dtype = out.dtype
+    width = STREAM_VECTOR_BYTES * 8 // dtype.bitwidth
+
+    def codegen(context, builder, signature, values):
+        vector = ir.VectorType(context.get_value_type(dtype), width)
         undef = ir.Constant(vector, ir.Undefined)
         zeros = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+        index = values[n_inputs]
 
-        def address(array_type, array, index):
-            data = context.make_array(array_type)(context, builder, array).data
-            return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
+        def address(k, at):
+            array = context.make_array(signature.args[k])(context, builder, values[k])
+            return builder.bitcast(builder.gep(array.data, [at]), vector.as_pointer())
 
         def coefficient(k):
-            if per_column:  # a vector of coefficients[index:index + width]
-                where = address(signature.args[4 + k], args[4 + k], args[7])
-                return builder.load(where, align=dtype.bitwidth // 8)
-            first = builder.insert_element(undef, args[4 + k], ir.Constant(ir.IntType(32), 0))
+            if per_column:
+                return builder.load(address(k, values[-1]), align=dtype.bitwidth // 8)
+            first = builder.insert_element(undef, values[k], ir.Constant(ir.IntType(32), 0))
             return builder.shuffle_vector(first, undef, zeros)
 
-        values = builder.load(
-            address(signature.args[0], args[0], args[1]), align=dtype.bitwidth // 8
-        )
+        loaded = [
+            builder.load(address(k, index), align=dtype.bitwidth // 8) for k in range(n_inputs)
+        ]
+        first_coefficient = n_inputs + 2
+        coefficient_vectors = [coefficient(first_coefficient + k) for k in range(n_coefficients)]
         fmuladd = cgutils.get_or_insert_function(
             builder.module,
             ir.FunctionType(vector, [vector, vector, vector]),
             f"llvm.fmuladd.v{width}f{dtype.bitwidth}",
         )
-        shift, scale, offset = (coefficient(k) for k in range(3))
-        result = builder.call(fmuladd, [builder.fsub(values, shift), scale, offset])
-        stored = builder.store(
-            result, address(signature.args[2], args[2], args[3]), align=STREAM_VECTOR_BYTES
-        )
+        result = build(builder, fmuladd, loaded, coefficient_vectors)
+        stored = builder.store(result, address(n_inputs + 1, index), align=STREAM_VECTOR_BYTES)
         stored.set_metadata(
             "nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
         )
         return context.get_dummy_value()
 
-    return codegen
-
-
-def _streamable(x, out):
-    return out.dtype in (types.float32, types.float64) and x.dtype == out.dtype
+    return types.void(*args), codegen
 
 
 @intrinsic
-def stream_affine(typingctx, x, xi, out, oi, shift, scale, offset):
-    """``out.flat[oi:oi + w] = fmuladd(x.flat[xi:xi + w] - shift, scale, offset)``, one
-    32-byte vector (w elements) stored non-temporally; ``out``'s address must be aligned.
-
-    ``llvm.fmuladd`` is what the plain loops' ``contract`` flag makes of the same formula (one
-    fused multiply-add where the CPU has it), so streamed and plain elements round alike.
-    """
-    if not (_streamable(x, out) and shift == scale == offset == out.dtype):
-        return None
-    width = STREAM_VECTOR_BYTES * 8 // out.dtype.bitwidth
-    signature = types.void(x, xi, out, oi, shift, scale, offset)
-    return signature, _stream_affine_codegen(out.dtype, width, per_column=False)
+def stream_affine(typingctx, x, i, out, shift, scale, offset):
+    """``out[i:i + w] = (x[i:i + w] - shift) * scale + offset``, streamed (flat indices)."""
+    return _stream_signature("affine", False, (x, i, out, shift, scale, offset))
 
 
 @intrinsic
-def stream_affine_columns(typingctx, x, xi, out, oi, shift, scale, offset, ci):
-    """:func:`stream_affine` with per-column coefficients ``shift[ci:ci + w]`` (and so on)."""
-    if not (_streamable(x, out) and shift.dtype == scale.dtype == offset.dtype == out.dtype):
-        return None
-    width = STREAM_VECTOR_BYTES * 8 // out.dtype.bitwidth
-    signature = types.void(x, xi, out, oi, shift, scale, offset, ci)
-    return signature, _stream_affine_codegen(out.dtype, width, per_column=True)
+def stream_affine_columns(typingctx, x, i, out, shift, scale, offset, ci):
+    """:func:`stream_affine` with coefficient vectors ``shift[ci:ci + w]`` and so on."""
+    return _stream_signature("affine", True, (x, i, out, shift, scale, offset, ci))
+
+
+@intrinsic
+def stream_input_grad(typingctx, dy, x, i, out, mean, mean_dy, coef, scale):
+    """``out[i:i + w] = (dy - mean_dy - (x - mean) * coef) * scale``, streamed."""
+    return _stream_signature("input_grad", False, (dy, x, i, out, mean, mean_dy, coef, scale))
+
+
+@intrinsic
+def stream_input_grad_columns(typingctx, dy, x, i, out, mean, mean_dy, coef, scale, ci):
+    """:func:`stream_input_grad` with coefficient vectors ``mean[ci:ci + w]`` and so on."""
+    args = (dy, x, i, out, mean, mean_dy, coef, scale, ci)
+    return _stream_signature("input_grad", True, args)
 
 
 @intrinsic
@@ -301,11 +333,10 @@ def stream_fence(typingctx):
     return types.void(), codegen
 
 
-@_helper
-def row_normalize_plain(x3, c, m, l0, l1, shift, scale, offset, out3):
-    u0, length = span(l0, l1)
-    for i in range(length):
-        store(out3, (m, c, u0 + i), (widen(x3[m, c, u0 + i]) - shift) * scale + offset)
+def _streamable(out, *inputs):
+    return out.dtype in (types.float32, types.float64) and all(
+        a.dtype == out.dtype for a in inputs
+    )
 
 
 @_helper
@@ -319,29 +350,14 @@ def stream_split(out, first, length):
     return head, (length - head) // width * width, width
 
 
-def row_normalize_streamed(x3, c, m, l0, l1, shift, scale, offset, out3):
-    """``out3[m, c, l0:l1] = (x3[m, c, l0:l1] - shift) * scale + offset``, streamed where the
-    dtypes allow it (float16 is never streamed: the callers' plain loop handles it)."""
-
-
-@overload(row_normalize_streamed, jit_options=_OPTIONS)
-def _row_normalize_streamed(x3, c, m, l0, l1, shift, scale, offset, out3):
-    def plain(x3, c, m, l0, l1, shift, scale, offset, out3):
-        row_normalize_plain(x3, c, m, l0, l1, shift, scale, offset, out3)
-
-    if not _streamable(x3, out3):
-        return plain
-
-    def streamed(x3, c, m, l0, l1, shift, scale, offset, out3):
-        _, C, L = x3.shape
-        first = (m * C + c) * L + l0  # flat index of [m, c, l0] in both (C-contiguous)
-        head, body, width = stream_split(out3, first, l1 - l0)
-        row_normalize_plain(x3, c, m, l0, l0 + head, shift, scale, offset, out3)
-        for i in range(first + head, first + head + body, width):
-            stream_affine(x3, i, out3, i, shift, scale, offset)
-        row_normalize_plain(x3, c, m, l0 + head + body, l1, shift, scale, offset, out3)
-
-    return streamed
+@_helper
+def periodic(v, extra):
+    """``v`` followed by its first ``extra`` values, repeated as needed (``v[j % v.size]``):
+    a vector of ``w <= extra`` coefficients from any column on, wrapping at the row end."""
+    out = np.empty(v.size + extra, v.dtype)
+    for j in range(out.size):
+        out[j] = v[j % v.size]
+    return out
 
 
 # -- channels-first: x3 of shape (M, C, L) --------------------------------------------------
@@ -405,10 +421,73 @@ def row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles):
 
 
 @_helper
+def row_range_normalize(x3, c, m, l0, l1, shift, scale, offset, out3):
+    for l in range(l0, l1):  # noqa: E741
+        store(out3, (m, c, l), (widen(x3[m, c, l]) - shift) * scale + offset)
+
+
+@_helper
+def row_range_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3):
+    for l in range(l0, l1):  # noqa: E741
+        dx = (widen(dy3[m, c, l]) - mean_dy - (widen(x3[m, c, l]) - mean) * coef) * scale
+        store(out3, (m, c, l), dx)
+
+
+def row_run_normalize(x3, c, m, l0, l1, shift, scale, offset, out3):
+    """``out3[m, c, l0:l1] = (x3[m, c, l0:l1] - shift) * scale + offset``, streamed where the
+    dtypes allow it (the run starts and ends with plain stores up to a 32-byte boundary)."""
+
+
+@overload(row_run_normalize, jit_options=_OPTIONS)
+def _row_run_normalize(x3, c, m, l0, l1, shift, scale, offset, out3):
+    def plain(x3, c, m, l0, l1, shift, scale, offset, out3):
+        row_range_normalize(x3, c, m, l0, l1, shift, scale, offset, out3)
+
+    if not _streamable(out3, x3):
+        return plain
+
+    def streamed(x3, c, m, l0, l1, shift, scale, offset, out3):
+        _, C, L = x3.shape
+        first = (m * C + c) * L + l0  # flat index of [m, c, l0] in all arrays (C-contiguous)
+        head, body, width = stream_split(out3, first, l1 - l0)
+        row_range_normalize(x3, c, m, l0, l0 + head, shift, scale, offset, out3)
+        for i in range(first + head, first + head + body, width):
+            stream_affine(x3, i, out3, shift, scale, offset)
+        row_range_normalize(x3, c, m, l0 + head + body, l1, shift, scale, offset, out3)
+
+    return streamed
+
+
+def row_run_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3):
+    """:func:`row_run_normalize` for dx: ``(dy - mean_dy - (x - mean) * coef) * scale``."""
+
+
+@overload(row_run_input_grad, jit_options=_OPTIONS)
+def _row_run_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3):
+    def plain(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3):
+        row_range_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3)
+
+    if not _streamable(out3, dy3, x3):
+        return plain
+
+    def streamed(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3):
+        _, C, L = x3.shape
+        first = (m * C + c) * L + l0
+        head, body, width = stream_split(out3, first, l1 - l0)
+        row_range_input_grad(dy3, x3, c, m, l0, l0 + head, mean, mean_dy, coef, scale, out3)
+        for i in range(first + head, first + head + body, width):
+            stream_input_grad(dy3, x3, i, out3, mean, mean_dy, coef, scale)
+        tail = l0 + head + body
+        row_range_input_grad(dy3, x3, c, m, tail, l1, mean, mean_dy, coef, scale, out3)
+
+    return streamed
+
+
+@_helper
 def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3, stream):
     if stream:
         for m in range(m0, m1):
-            row_normalize_streamed(x3, c, m, l0, l1, shift, scale, offset, out3)
+            row_run_normalize(x3, c, m, l0, l1, shift, scale, offset, out3)
         return
     u0, length = span(l0, l1)
     for m in range(m0, m1):
@@ -430,7 +509,11 @@ def row_tile_grad_sums(dy3, x3, c, m0, m1, l0, l1, mean):
 
 
 @_helper
-def row_tile_input_grad(dy3, x3, c, m0, m1, l0, l1, mean, mean_dy, coef, scale, out3):
+def row_tile_input_grad(dy3, x3, c, m0, m1, l0, l1, mean, mean_dy, coef, scale, out3, stream):
+    if stream:
+        for m in range(m0, m1):
+            row_run_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3)
+        return
     u0, length = span(l0, l1)
     for m in range(m0, m1):
         for i in range(length):
@@ -683,7 +766,7 @@ def grad_coefficients(c, n, sum_dy, sum_dy_xmu, mean64, invstd64, weight64, coef
 
 
 @_helper
-def row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3):
+def row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3, stream):
     M, _, L = x3.shape
     c = t // tiles
     row_tile_input_grad(
@@ -696,20 +779,23 @@ def row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3):
         coefs[2, c],
         coefs[3, c],
         out3,
+        stream,
     )
+    if stream:
+        stream_fence()
 
 
 @_kernel
-def rows_input_grad(dy3, x3, coefs, out3, tile, parallel):
+def rows_input_grad(dy3, x3, coefs, out3, tile, stream, parallel):
     """dx from ``coefs`` (rows of :func:`grad_coefficients`, in the dtype of ``out3``)."""
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
     if parallel:
         for t in prange(C * tiles):
-            row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3)
+            row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3, stream)
     else:
         for t in range(C * tiles):
-            row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3)
+            row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3, stream)
 
 
 @_helper
@@ -728,6 +814,7 @@ def row_backward_channel(
     out3,
     sum_dy,
     sum_dy_xmu,
+    stream,
 ):
     M, _, L = x3.shape
     for j in range(tiles):
@@ -748,11 +835,16 @@ def row_backward_channel(
             coefs[2, c],
             coefs[3, c],
             out3,
+            stream,
         )
+    if stream:
+        stream_fence()
 
 
 @_kernel
-def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile, resident, parallel):
+def rows_backward_train(
+    dy3, x3, mean64, invstd64, weight64, out3, tile, resident, stream, parallel
+):
     """Fused gradient sums and dx; returns float64 sums. ``resident`` as in the forward."""
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
@@ -776,6 +868,7 @@ def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile, residen
                 out3,
                 sum_dy,
                 sum_dy_xmu,
+                stream,
             )
         return sum_dy, sum_dy_xmu
     tasks = C * tiles
@@ -798,10 +891,14 @@ def rows_backward_train(dy3, x3, mean64, invstd64, weight64, out3, tile, residen
         grad_coefficients(c, M * L, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64, coefs)
     if parallel:
         for t in prange(tasks):
-            row_input_grad_task(dy3, x3, tasks - 1 - t, rows, chunk, chunks, tiles, coefs, out3)
+            row_input_grad_task(
+                dy3, x3, tasks - 1 - t, rows, chunk, chunks, tiles, coefs, out3, stream
+            )
     else:
         for t in range(tasks):
-            row_input_grad_task(dy3, x3, tasks - 1 - t, rows, chunk, chunks, tiles, coefs, out3)
+            row_input_grad_task(
+                dy3, x3, tasks - 1 - t, rows, chunk, chunks, tiles, coefs, out3, stream
+            )
     return sum_dy, sum_dy_xmu
 
 
@@ -935,13 +1032,12 @@ def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2
     shift, scale, offset = shift[c0:c1], scale[c0:c1], offset[c0:c1]
     x1, width, cols = flat_rows(x2, c0, c1)
     out1 = out2.reshape(-1)
-    if stream and col_blocks == 1:  # whole rows: the tile is one contiguous run
-        col_block_streamed(x1, out1, m0 * C, (m1 - m0) * C, C, shift, scale, offset)
-        stream_fence()
-        return
     if stream:
-        for m in range(m0, m1):
-            col_row_streamed(x1, out1, row_start(m, width, c0), cols, shift, scale, offset)
+        if col_blocks == 1:  # whole rows: the tile is one contiguous run
+            col_block_normalize(x1, out1, m0 * C, (m1 - m0) * C, C, shift, scale, offset)
+        else:
+            for m in range(m0, m1):
+                col_block_normalize(x1, out1, m * C + c0, c1 - c0, c1 - c0, shift, scale, offset)
         stream_fence()
         return
     for m in range(m0, m1):
@@ -950,80 +1046,77 @@ def col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2
             store(out1, r0 + c, (widen(x1[r0 + c]) - shift[c]) * scale[c] + offset[c])
 
 
-@_helper
-def col_row_normalize_plain(x1, out1, r0, c0, c1, shift, scale, offset):
-    for c in range(c0, c1):
-        store(out1, r0 + c, (widen(x1[r0 + c]) - shift[c]) * scale[c] + offset[c])
+def col_block_normalize(x1, out1, first, total, C, shift, scale, offset):
+    """``out1[first + k] = (x1[first + k] - shift[c]) * scale[c] + offset[c]`` for
+    ``k < total``, c the column of element k: ``first`` starts a run of whole rows (or a row
+    segment, ``C`` then its length and the coefficients sliced to it). Streamed as one run
+    where the dtypes allow it, so only its two ends mix plain and streamed stores in a line."""
 
 
-def col_row_streamed(x1, out1, r0, cols, shift, scale, offset):
-    """``out1[r0 + c] = (x1[r0 + c] - shift[c]) * scale[c] + offset[c]`` for c < cols,
-    streamed where the dtypes allow it (see :func:`row_normalize_streamed`)."""
-
-
-@overload(col_row_streamed, jit_options=_OPTIONS)
-def _col_row_streamed(x1, out1, r0, cols, shift, scale, offset):
-    def plain(x1, out1, r0, cols, shift, scale, offset):
-        col_row_normalize_plain(x1, out1, r0, np.uint64(0), cols, shift, scale, offset)
-
-    if not _streamable(x1, out1):
-        return plain
-
-    def streamed(x1, out1, r0, cols, shift, scale, offset):
-        # unsigned throughout: r0 is (see row_start), and uint64 + int64 is float64 in Numba
-        head, body, width = stream_split(out1, r0, cols)
-        head, body, width = np.uint64(head), np.uint64(body), np.uint64(width)
-        col_row_normalize_plain(x1, out1, r0, np.uint64(0), head, shift, scale, offset)
-        for c in range(head, head + body, width):
-            stream_affine_columns(x1, r0 + c, out1, r0 + c, shift, scale, offset, c)
-        col_row_normalize_plain(x1, out1, r0, head + body, cols, shift, scale, offset)
-
-    return streamed
-
-
-@_helper
-def periodic(v, extra):
-    """``v`` followed by its first ``extra`` values, repeated as needed (``v[j % v.size]``):
-    a vector of ``w <= extra`` coefficients from any column on, wrapping at the row end."""
-    out = np.empty(v.size + extra, v.dtype)
-    for j in range(out.size):
-        out[j] = v[j % v.size]
-    return out
-
-
-def col_block_streamed(x1, out1, first, total, C, shift, scale, offset):
-    """``out1[first + k] = (x1[first + k] - shift[c]) * scale[c] + offset[c]``, c the column
-    of element k (``first`` starts a row), for ``k < total``: whole rows streamed as one run,
-    so only its two ends mix plain and streamed stores in a cache line."""
-
-
-@overload(col_block_streamed, jit_options=_OPTIONS)
-def _col_block_streamed(x1, out1, first, total, C, shift, scale, offset):
+@overload(col_block_normalize, jit_options=_OPTIONS)
+def _col_block_normalize(x1, out1, first, total, C, shift, scale, offset):
     def plain(x1, out1, first, total, C, shift, scale, offset):
         for k in range(total):
             c = k % C
             store(out1, first + k, (widen(x1[first + k]) - shift[c]) * scale[c] + offset[c])
 
-    if not _streamable(x1, out1):
+    if not _streamable(out1, x1):
         return plain
 
     def streamed(x1, out1, first, total, C, shift, scale, offset):
         head, body, width = stream_split(out1, first, total)
-        shift_p = periodic(shift, width)
-        scale_p = periodic(scale, width)
+        shift_p, scale_p = periodic(shift, width), periodic(scale, width)
         offset_p = periodic(offset, width)
         for k in range(head):
             c = k % C
             out1[first + k] = (x1[first + k] - shift[c]) * scale[c] + offset[c]
         c = head % C
-        for k in range(first + head, first + head + body, width):
-            stream_affine_columns(x1, k, out1, k, shift_p, scale_p, offset_p, c)
+        for i in range(first + head, first + head + body, width):
+            stream_affine_columns(x1, i, out1, shift_p, scale_p, offset_p, c)
             c += width
             while c >= C:
                 c -= C
         for k in range(head + body, total):
             c = k % C
             out1[first + k] = (x1[first + k] - shift[c]) * scale[c] + offset[c]
+
+    return streamed
+
+
+def col_block_input_grad(dy1, x1, out1, first, total, C, mean, mean_dy, coef, scale):
+    """:func:`col_block_normalize` for dx: ``(dy - mean_dy - (x - mean) * coef) * scale``."""
+
+
+@overload(col_block_input_grad, jit_options=_OPTIONS)
+def _col_block_input_grad(dy1, x1, out1, first, total, C, mean, mean_dy, coef, scale):
+    def plain(dy1, x1, out1, first, total, C, mean, mean_dy, coef, scale):
+        for k in range(total):
+            c = k % C
+            xc = widen(x1[first + k]) - mean[c]
+            dx = (widen(dy1[first + k]) - mean_dy[c] - xc * coef[c]) * scale[c]
+            store(out1, first + k, dx)
+
+    if not _streamable(out1, dy1, x1):
+        return plain
+
+    def streamed(dy1, x1, out1, first, total, C, mean, mean_dy, coef, scale):
+        head, body, width = stream_split(out1, first, total)
+        mean_p, mean_dy_p = periodic(mean, width), periodic(mean_dy, width)
+        coef_p, scale_p = periodic(coef, width), periodic(scale, width)
+        for k in range(head):
+            c = k % C
+            xc = x1[first + k] - mean[c]
+            out1[first + k] = (dy1[first + k] - mean_dy[c] - xc * coef[c]) * scale[c]
+        c = head % C
+        for i in range(first + head, first + head + body, width):
+            stream_input_grad_columns(dy1, x1, i, out1, mean_p, mean_dy_p, coef_p, scale_p, c)
+            c += width
+            while c >= C:
+                c -= C
+        for k in range(head + body, total):
+            c = k % C
+            xc = x1[first + k] - mean[c]
+            out1[first + k] = (dy1[first + k] - mean_dy[c] - xc * coef[c]) * scale[c]
 
     return streamed
 
@@ -1154,13 +1247,23 @@ def cols_grad_sums(dy2, x2, mean64, tile, column_block, min_rows, parallel):
 
 
 @_helper
-def col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2):
+def col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2, stream):
     M, C = x2.shape
     _, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
     mean, mean_dy = coefs[0, c0:c1], coefs[1, c0:c1]
     coef, scale = coefs[2, c0:c1], coefs[3, c0:c1]
     x1, width, cols = flat_rows(x2, c0, c1)
     dy1, out1 = dy2.reshape(-1), out2.reshape(-1)
+    if stream:
+        coefficients = (mean, mean_dy, coef, scale)
+        if col_blocks == 1:  # whole rows: the tile is one contiguous run
+            col_block_input_grad(dy1, x1, out1, m0 * C, (m1 - m0) * C, C, *coefficients)
+        else:
+            for m in range(m0, m1):
+                first, n = m * C + c0, c1 - c0
+                col_block_input_grad(dy1, x1, out1, first, n, n, *coefficients)
+        stream_fence()
+        return
     for m in range(m0, m1):
         r0 = row_start(m, width, c0)
         for c in range(cols):
@@ -1169,20 +1272,20 @@ def col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2):
 
 
 @_kernel
-def cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, parallel):
+def cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, stream, parallel):
     M, C = x2.shape
     rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
     if parallel:
         for t in prange(row_blocks * col_blocks):
-            col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2)
+            col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2, stream)
     else:
         for t in range(row_blocks * col_blocks):
-            col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2)
+            col_input_grad_task(dy2, x2, t, rows, cols, col_blocks, coefs, out2, stream)
 
 
 @_kernel
 def cols_backward_train(
-    dy2, x2, mean64, invstd64, weight64, out2, tile, column_block, min_rows, parallel
+    dy2, x2, mean64, invstd64, weight64, out2, tile, column_block, min_rows, stream, parallel
 ):
     """Fused gradient sums and dx (tiles last to first); returns float64 sums."""
     M, C = x2.shape
@@ -1207,8 +1310,12 @@ def cols_backward_train(
         grad_coefficients(c, M, sum_dy[c], sum_dy_xmu[c], mean64, invstd64, weight64, coefs)
     if parallel:
         for t in prange(tasks):
-            col_input_grad_task(dy2, x2, tasks - 1 - t, rows, cols, col_blocks, coefs, out2)
+            col_input_grad_task(
+                dy2, x2, tasks - 1 - t, rows, cols, col_blocks, coefs, out2, stream
+            )
     else:
         for t in range(tasks):
-            col_input_grad_task(dy2, x2, tasks - 1 - t, rows, cols, col_blocks, coefs, out2)
+            col_input_grad_task(
+                dy2, x2, tasks - 1 - t, rows, cols, col_blocks, coefs, out2, stream
+            )
     return sum_dy, sum_dy_xmu
