@@ -171,13 +171,15 @@ def _tiling(x: np.ndarray) -> tuple[int, ...]:
 def _stream(out: np.ndarray) -> bool:
     """Whether ``out`` is written with non-temporal stores: large enough to leave the caches,
     in contiguous runs (a tile's rows) long enough that few cache lines mix both stores."""
+    if out.nbytes < config.STREAM_BYTES:  # first: the common small case costs one compare
+        return False
     if out.ndim == 2:  # whole rows make one run per tile; a column block, one per row
         C = out.shape[1]
         run = C * max(config.MIN_ROWS_PER_TILE, config.TILE_ELEMENTS // C)
         run = run if C <= config.COLUMN_BLOCK else config.COLUMN_BLOCK
     else:
         run = out.shape[2]
-    return out.nbytes >= config.STREAM_BYTES and run * out.itemsize >= config.STREAM_RUN_BYTES
+    return run * out.itemsize >= config.STREAM_RUN_BYTES
 
 
 def _resident(x: np.ndarray, arrays: int) -> bool:
