@@ -91,6 +91,17 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: its controller prints the summary
+        workeroutput["batchnorm_exercised"] = sorted(_EXERCISED)
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: only called with -n
+def pytest_testnodedown(node, error):
+    _EXERCISED.update(getattr(node, "workeroutput", {}).get("batchnorm_exercised", ()))
+
+
 def pytest_terminal_summary(terminalreporter):
     names = sorted(_EXERCISED)
     terminalreporter.write_sep(
