@@ -181,7 +181,7 @@ def test_fused_eval_is_bit_identical_to_the_composed_steps(
         ((70, 1100), 1),  # column blocks: streamed row by row
     ],
 )
-@pytest.mark.parametrize("misaligned", [False, True], ids=["aligned", "misaligned"])
+@pytest.mark.parametrize("misaligned", [0, 1, 2], ids=["aligned", "misaligned", "unaligned"])
 def test_streaming_stores_are_bit_identical_to_plain_stores(
     monkeypatch, dtype, shape, axis, misaligned
 ):
@@ -200,9 +200,11 @@ def test_streaming_stores_are_bit_identical_to_plain_stores(
         monkeypatch.setattr(_config, "STREAM_RUN_BYTES", 0)  # short rows streamed too
         outs = []
         for training in (True, False):
-            # an output buffer starting `misaligned` elements past an allocation
-            buffer = np.empty(x.size + 1, x.dtype)[1:] if misaligned else np.empty(x.size, x.dtype)
-            out = buffer.reshape(x.shape)
+            # an output one element past an allocation (misaligned), or one byte past it
+            # (unaligned: not even element-aligned, so it is never streamed)
+            raw = np.zeros((x.size + 1) * x.itemsize, np.uint8)
+            offset = (0, x.itemsize, 1)[misaligned]
+            out = np.frombuffer(raw.data, x.dtype, x.size, offset).reshape(x.shape)
             stats = bn.forward(
                 x, w, b.astype(param), rm.copy(), rv.copy(), training=training, axis=axis,
                 out=out, backend="numba",

@@ -173,6 +173,8 @@ def _stream(out: np.ndarray) -> bool:
     in contiguous runs (a tile's rows) long enough that few cache lines mix both stores."""
     if out.nbytes < config.STREAM_BYTES:  # first: the common small case costs one compare
         return False
+    if not out.flags.aligned:  # no run of whole elements reaches a 32-byte boundary: the
+        return False  # aligned vector stores would fault (np.frombuffer(..., offset=1))
     if out.ndim == 2:  # whole rows make one run per tile; a column block, one per row
         C = out.shape[1]
         run = C * max(config.MIN_ROWS_PER_TILE, config.TILE_ELEMENTS // C)
