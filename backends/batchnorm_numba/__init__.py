@@ -175,10 +175,9 @@ def _stream(out: np.ndarray) -> bool:
         return False
     if not out.flags.aligned:  # no run of whole elements reaches a 32-byte boundary: the
         return False  # aligned vector stores would fault (np.frombuffer(..., offset=1))
-    if out.ndim == 2:  # whole rows make one run per tile; a column block, one per row
-        C = out.shape[1]
-        run = C * max(config.MIN_ROWS_PER_TILE, config.TILE_ELEMENTS // C)
-        run = run if C <= config.COLUMN_BLOCK else config.COLUMN_BLOCK
+    if out.ndim == 2:  # a tile of whole rows is one run; a tile of a column block, one per row
+        rows, cols, col_blocks, _ = kernels.col_tiling(*out.shape, *_tiling(out))
+        run = rows * cols if col_blocks == 1 else cols
     else:
         run = out.shape[2]
     return run * out.itemsize >= config.STREAM_RUN_BYTES

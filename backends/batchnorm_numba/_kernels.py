@@ -422,15 +422,20 @@ def row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles):
 
 @_helper
 def row_range_normalize(x3, c, m, l0, l1, shift, scale, offset, out3):
-    for l in range(l0, l1):  # noqa: E741
-        store(out3, (m, c, l), (widen(x3[m, c, l]) - shift) * scale + offset)
+    """``out3[m, c, l0:l1] = (x3[m, c, l0:l1] - shift) * scale + offset``, plain stores."""
+    u0, length = span(l0, l1)
+    for i in range(length):
+        store(out3, (m, c, u0 + i), (widen(x3[m, c, u0 + i]) - shift) * scale + offset)
 
 
 @_helper
 def row_range_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3):
-    for l in range(l0, l1):  # noqa: E741
-        dx = (widen(dy3[m, c, l]) - mean_dy - (widen(x3[m, c, l]) - mean) * coef) * scale
-        store(out3, (m, c, l), dx)
+    """``out3[m, c, l0:l1] = (dy - mean_dy - (x - mean) * coef) * scale``, plain stores."""
+    u0, length = span(l0, l1)
+    for i in range(length):
+        dy = widen(dy3[m, c, u0 + i])
+        dx = (dy - mean_dy - (widen(x3[m, c, u0 + i]) - mean) * coef) * scale
+        store(out3, (m, c, u0 + i), dx)
 
 
 def row_run_normalize(x3, c, m, l0, l1, shift, scale, offset, out3):
@@ -485,14 +490,11 @@ def _row_run_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3)
 
 @_helper
 def row_tile_normalize(x3, c, m0, m1, l0, l1, shift, scale, offset, out3, stream):
-    if stream:
-        for m in range(m0, m1):
-            row_run_normalize(x3, c, m, l0, l1, shift, scale, offset, out3)
-        return
-    u0, length = span(l0, l1)
     for m in range(m0, m1):
-        for i in range(length):
-            store(out3, (m, c, u0 + i), (widen(x3[m, c, u0 + i]) - shift) * scale + offset)
+        if stream:
+            row_run_normalize(x3, c, m, l0, l1, shift, scale, offset, out3)
+        else:
+            row_range_normalize(x3, c, m, l0, l1, shift, scale, offset, out3)
 
 
 @_helper
@@ -510,16 +512,11 @@ def row_tile_grad_sums(dy3, x3, c, m0, m1, l0, l1, mean):
 
 @_helper
 def row_tile_input_grad(dy3, x3, c, m0, m1, l0, l1, mean, mean_dy, coef, scale, out3, stream):
-    if stream:
-        for m in range(m0, m1):
-            row_run_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3)
-        return
-    u0, length = span(l0, l1)
     for m in range(m0, m1):
-        for i in range(length):
-            dy = widen(dy3[m, c, u0 + i])
-            dx = (dy - mean_dy - (widen(x3[m, c, u0 + i]) - mean) * coef) * scale
-            store(out3, (m, c, u0 + i), dx)
+        if stream:
+            row_run_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3)
+        else:
+            row_range_input_grad(dy3, x3, c, m, l0, l1, mean, mean_dy, coef, scale, out3)
 
 
 @_helper
@@ -689,35 +686,16 @@ def rows_forward_train(x3, weight64, offset, eps, out3, stats, tile, resident, s
     for c in range(C):
         n, mean, m2 = merge_partials(count, means, m2s, c * tiles, tiles)
         finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
+    last = tasks - 1
     if parallel:
         for t in prange(tasks):
             row_normalize_task(
-                x3,
-                tasks - 1 - t,
-                rows,
-                chunk,
-                chunks,
-                tiles,
-                mean_out,
-                scale,
-                offset,
-                out3,
-                stream,
+                x3, last - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3, stream
             )
     else:
         for t in range(tasks):
             row_normalize_task(
-                x3,
-                tasks - 1 - t,
-                rows,
-                chunk,
-                chunks,
-                tiles,
-                mean_out,
-                scale,
-                offset,
-                out3,
-                stream,
+                x3, last - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3, stream
             )
 
 
