@@ -183,6 +183,15 @@ def _stream(out: np.ndarray) -> bool:
     return run * out.itemsize >= config.STREAM_RUN_BYTES
 
 
+def _prefetch(x: np.ndarray) -> bool:
+    """Whether the statistics pass over channels-last tiles prefetches the next tile: the
+    input comes from memory, not cache, and a tile is small enough that two fit in L2."""
+    if x.nbytes < config.PREFETCH_BYTES:
+        return False
+    rows, cols, col_blocks, _ = kernels.col_tiling(*x.shape, *_tiling(x))
+    return col_blocks == 1 and rows * cols * x.itemsize <= config.PREFETCH_TILE_BYTES
+
+
 def _resident(x: np.ndarray, arrays: int) -> bool:
     """Whether a fused pass runs one task per channel: a channel of ``arrays`` inputs in L2."""
     if x.ndim == 2 or not _is_parallel(x.size):
@@ -283,17 +292,19 @@ class NumbaBackend(Backend):
     def channel_stats(self, x3):
         x = _input(x3)
         parallel = _is_parallel(x.size)
-        kernel = kernels.cols_channel_stats if x.ndim == 2 else kernels.rows_channel_stats
         with _launch(parallel):
-            return kernel(x, *_tiling(x), parallel)
+            if x.ndim == 2:
+                return kernels.cols_channel_stats(x, *_tiling(x), _prefetch(x), parallel)
+            return kernels.rows_channel_stats(x, *_tiling(x), parallel)
 
     def grad_sums(self, dy3, x3, mean):
         x, dy = _input(x3), _input(dy3)
         mean64 = _vector(mean, 0.0, x3.shape[1])
         parallel = _is_parallel(x.size)
-        kernel = kernels.cols_grad_sums if x.ndim == 2 else kernels.rows_grad_sums
         with _launch(parallel):
-            return kernel(dy, x, mean64, *_tiling(x), parallel)
+            if x.ndim == 2:
+                return kernels.cols_grad_sums(dy, x, mean64, *_tiling(x), parallel)
+            return kernels.rows_grad_sums(dy, x, mean64, *_tiling(x), parallel)
 
     # -- phase 2 ---------------------------------------------------------------------------
     def normalize(self, x3, mean, invstd, weight, bias, out3):
@@ -346,8 +357,9 @@ class NumbaBackend(Backend):
         with _launch(parallel):
             if x.ndim == 2:
                 kernels.cols_forward_train(
-                    x, weight64, offset, eps, out, stats, *_tiling(x), _stream(out), parallel
-                )
+                    x, weight64, offset, eps, out, stats, *_tiling(x),
+                    _prefetch(x), _stream(out), parallel,
+                )  # fmt: skip
             else:
                 kernels.rows_forward_train(
                     x,

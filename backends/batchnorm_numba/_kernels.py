@@ -21,7 +21,8 @@ arrays from one about 1.5 us more: results go into arrays passed in). With ``res
 they run one task per channel, for channels that fit in L2, so their second pass reads
 from cache; otherwise their second pass takes the tiles last to first, starting with those
 still in cache. Forward-eval is one kernel: per-channel coefficients, then normalize.
-Normalize and dx passes write large outputs with non-temporal stores ("streaming stores").
+Normalize and dx passes write large outputs with non-temporal stores ("streaming stores");
+channels-last statistics of large inputs prefetch the next tile ("prefetching").
 """
 
 import numpy as np
@@ -358,6 +359,44 @@ def periodic(v, extra):
     for j in range(out.size):
         out[j] = v[j % v.size]
     return out
+
+
+# -- prefetching -------------------------------------------------------------------------------
+# The first pass over a channels-last tile reads it from memory, the second from L1/L2, and
+# while it does the memory bus idles: prefetching the next tile then keeps it busy. Hints
+# only: a prefetch changes no result and never faults (the addresses are clipped anyway).
+CACHE_LINE_BYTES = 64
+
+
+@intrinsic
+def prefetch(typingctx, a, i):
+    """Hint the CPU to bring the cache line of ``a.flat[i]`` into its caches for reading."""
+    if not isinstance(a, types.Array) or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        byte = ir.IntType(8).as_pointer()
+        address = builder.bitcast(builder.gep(array.data, [args[1]]), byte)
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [byte, i32, i32, i32]),
+            "llvm.prefetch.p0i8",
+        )
+        read, keep_in_all_levels, data = (ir.Constant(i32, v) for v in (0, 3, 1))
+        builder.call(fn, [address, read, keep_in_all_levels, data])
+        return context.get_dummy_value()
+
+    return types.void(a, i), codegen
+
+
+@_helper
+def prefetch_span(x1, first, length):
+    """Prefetch ``x1.flat[first:first + length]`` (unsigned offsets), clipped to the array."""
+    stop = min(first + length, np.uint64(x1.size))
+    for i in range(first, stop, np.uint64(CACHE_LINE_BYTES // x1.itemsize)):
+        prefetch(x1, i)
 
 
 # -- channels-first: x3 of shape (M, C, L) --------------------------------------------------
@@ -922,11 +961,13 @@ def row_start(m, width, c0):
 
 
 @_helper
-def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
+def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s, ahead):
     """Partial rows ``means[block, c0:c1]`` and ``m2s[block, c0:c1]`` of one tile.
 
     The partial rows live in memory, not registers: each update is a load and a store, so
-    four rows are summed per update (a fixed order, set by the tile bounds alone).
+    four rows are summed per update (a fixed order, set by the tile bounds alone). With
+    ``ahead`` > 0 (tiles of whole rows), the second pass prefetches the values ``ahead``
+    elements past those it reads: the next tile's, while this one comes from cache.
     """
     mean = means[block, c0:c1]
     m2 = m2s[block, c0:c1]
@@ -954,6 +995,8 @@ def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
         r1 = r0 + width
         r2 = r1 + width
         r3 = r2 + width
+        if ahead:
+            prefetch_span(x1, r0 + np.uint64(ahead), 4 * width)
         for c in range(cols):
             d0, d1 = widen(x1[r0 + c]) - mean[c], widen(x1[r1 + c]) - mean[c]
             d2, d3 = widen(x1[r2 + c]) - mean[c], widen(x1[r3 + c]) - mean[c]
@@ -966,9 +1009,11 @@ def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s):
 
 
 @_helper
-def col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s):
+def col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s, prefetch):
+    """:func:`col_tile_mean_m2` of tile t, prefetching the next row block if asked."""
     M, C = x2.shape
-    col_tile_mean_m2(x2, *col_tile(t, M, C, rows, cols, col_blocks), means, m2s)
+    ahead = rows * C if prefetch else 0
+    col_tile_mean_m2(x2, *col_tile(t, M, C, rows, cols, col_blocks), means, m2s, ahead)
 
 
 @_helper
@@ -989,17 +1034,17 @@ def col_merge(means, m2s, M, rows):
 
 
 @_kernel
-def cols_channel_stats(x2, tile, column_block, min_rows, parallel):
+def cols_channel_stats(x2, tile, column_block, min_rows, prefetch, parallel):
     M, C = x2.shape
     rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
     means = np.empty((row_blocks, C))
     m2s = np.empty((row_blocks, C))
     if parallel:
         for t in prange(row_blocks * col_blocks):
-            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
+            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s, prefetch)
     else:
         for t in range(row_blocks * col_blocks):
-            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
+            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s, prefetch)
     return col_merge(means, m2s, M, rows)
 
 
@@ -1136,11 +1181,23 @@ def cols_forward_eval(
 
 @_kernel
 def cols_forward_train(
-    x2, weight64, offset, eps, out2, stats, tile, column_block, min_rows, stream, parallel
+    x2,
+    weight64,
+    offset,
+    eps,
+    out2,
+    stats,
+    tile,
+    column_block,
+    min_rows,
+    prefetch,
+    stream,
+    parallel,
 ):
     """Statistics, then normalize; ``stats`` (3, C) receives mean, var and invstd.
 
     The normalize pass takes the tiles last to first: the last ones read are still in cache.
+    With ``prefetch``, each statistics tile prefetches the next (:func:`col_tile_mean_m2`).
     """
     M, C = x2.shape
     rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
@@ -1149,10 +1206,10 @@ def cols_forward_train(
     m2s = np.empty((row_blocks, C))
     if parallel:
         for t in prange(tasks):
-            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
+            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s, prefetch)
     else:
         for t in range(tasks):
-            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s)
+            col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s, prefetch)
     mean, m2 = col_merge(means, m2s, M, rows)
     mean_out, var_out, invstd_out = stats[0], stats[1], stats[2]
     scale = compute_empty(C, out2)
