@@ -164,7 +164,7 @@ def _publish(out: np.ndarray, pending: np.ndarray | None) -> None:
 def _tiling(x: np.ndarray) -> tuple[int, ...]:
     """The tile-size arguments of the kernels of x's layout."""
     if x.ndim == 2:
-        return config.TILE_ELEMENTS, config.COLUMN_BLOCK, config.MIN_ROWS_PER_TILE
+        return config.COLUMN_TILE_ELEMENTS, config.COLUMN_BLOCK, config.MIN_ROWS_PER_TILE
     return (config.TILE_ELEMENTS,)
 
 

@@ -5,10 +5,20 @@ decide the order of floating-point operations: changing one changes results in t
 Measured on a 2-core AMD EPYC (Zen 3: 32 KiB L1d, 512 KiB L2 per core).
 """
 
-#: Elements per tile (channels-first: rows of one channel; channels-last: a block of rows).
+#: Channels-first: elements per tile (rows of one channel, or a piece of a long row).
 #: 8192 float32 values are 32 KiB: the two passes over a tile (sum, then squared
 #: deviations from the tile mean) read the second time from L1/L2.
 TILE_ELEMENTS = 8192
+
+#: Channels-last: values per tile (a block of whole rows, or of COLUMN_BLOCK columns), at
+#: least MIN_ROWS_PER_TILE rows. 32768 float32 values are 128 KiB: the second pass reads
+#: from L2 (with the prefetched next tile, a quarter of it), and there are fewer partial
+#: rows to merge and fewer ends of streamed runs than with TILE_ELEMENTS. Against 8192, on 2
+#: threads, float32: (100352, 64) forward-train 1.28x, forward-eval 1.13x, backward 1.21x
+#: faster; (50176, 128) 1.08x, 1.22x, 1.12x; (401408, 16) 1.08x, 1.14x, 1.07x; C >= 1024
+#: unchanged (MIN_ROWS_PER_TILE rules); (100000, 3) 0.98x (noise is about 3%). 65536 was no
+#: better.
+COLUMN_TILE_ELEMENTS = 32768
 
 #: Channels-last: columns per tile, so a tile's float64 partial rows stay in L1.
 COLUMN_BLOCK = 1024
@@ -56,9 +66,10 @@ STREAM_RUN_BYTES = 2048
 #: this many bytes prefetch the next tile (smaller inputs are likely in cache already) ...
 PREFETCH_BYTES = 8 << 20
 
-#: ... when a tile has at most this many bytes (C <= 256 for float32), so the tile read and
-#: the one prefetched share L2 with room to spare. On 2 threads, float32: statistics of
-#: (100352, 64) 1.16-1.2x faster, forward-train 1.08-1.19x; statistics of (401408, 16)
-#: 1.2x; with 256 KiB tiles, (8192, 1024), 1.1x slower. Gradient sums (one pass, nothing
-#: to overlap) gained nothing measurable, so they do not prefetch.
-PREFETCH_TILE_BYTES = 64 << 10
+#: ... when a tile has at most this many bytes (float32: C <= 512), so the tile read and
+#: the one prefetched share L2 with room. On 2 threads, float32, 32 KiB tiles: statistics
+#: of (100352, 64) 1.16-1.2x faster, forward-train 1.08-1.19x; statistics of (401408, 16)
+#: 1.2x; with 256 KiB tiles, (8192, 1024), 1.1x slower. With 128 KiB tiles, prefetching
+#: made COLUMN_TILE_ELEMENTS = 32768 2-10% faster than 16384. Gradient sums (one pass,
+#: nothing to overlap) gained nothing measurable, so they do not prefetch.
+PREFETCH_TILE_BYTES = 128 << 10
