@@ -173,6 +173,60 @@ def test_fused_eval_is_bit_identical_to_the_composed_steps(
 @pytest.mark.parametrize(
     ("shape", "axis"),
     [
+        ((8, 64, 14, 14), 1),  # memory-order tiles span channels and batch rows
+        ((5, 7, 33), 1),
+        ((4, 1, 9000), 1),  # one channel, rows split in pieces
+        ((2, 3, 40, 70), 1),
+        ((300, 7), 1),
+        ((12, 30, 30, 64), -1),
+    ],
+)
+def test_phase_kernels_match_the_reference(monkeypatch, dtype, shape, axis):
+    """The two-phase kernels (channel_stats, normalize, grad_sums, input_grad), composed by
+    the protocol's default forward_train and backward_train, agree with the NumPy
+    reference; their elementwise passes store the same bits streamed or not."""
+    from batchnorm._layout import plan_layout
+
+    backend = bn.get_backend("numba")
+    rng = np.random.default_rng(11)
+    channels = shape[axis]
+    x, dy = _data(shape, dtype, offset=1.0), _data(shape, dtype, seed=5)
+    weight = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    bias = rng.standard_normal(channels).astype(np.float32)
+    layout = plan_layout(x.shape, x.strides, axis % x.ndim)
+    stat_dtype = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+    composed_forward = bn.Backend.forward_train.__get__(backend)
+    composed_backward = bn.Backend.backward_train.__get__(backend)
+    runs = []
+    for stream_bytes in (1 << 62, 0):
+        monkeypatch.setattr(_config, "STREAM_BYTES", stream_bytes)
+        monkeypatch.setattr(_config, "STREAM_RUN_BYTES", 0)
+        y, dx = np.empty_like(x), np.empty_like(x)
+        mean, _, invstd = composed_forward(
+            layout.view(backend, x), weight, bias, 1e-5, layout.view(backend, y), stat_dtype
+        )
+        sums = composed_backward(
+            layout.view(backend, dy), layout.view(backend, x), mean, invstd, weight,
+            layout.view(backend, dx),
+        )  # fmt: skip
+        dweight, dbias = backend.param_grads(*sums, invstd, weight.dtype, bias.dtype)
+        runs.append((y, mean, invstd, dx, dweight, dbias))
+    y_ref, mean_ref, invstd_ref = bn.forward(x, weight, bias, axis=axis, backend="numpy")
+    dx_ref, dweight_ref, dbias_ref = bn.backward(
+        dy, x, weight, mean_ref, invstd_ref, axis=axis, backend="numpy"
+    )
+    expected = (y_ref, mean_ref, invstd_ref, dx_ref, dweight_ref, dbias_ref)
+    names = ("y", "mean", "invstd", "dx", "dweight", "dbias")
+    for actual, reference, name in zip(runs[0], expected, names):
+        assert_close(actual, reference, dtype, name)
+    for plain, streamed in zip(*runs):
+        assert plain.tobytes() == streamed.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [
         ((4, 6, 5, 37), 1),
         ((16, 3, 48, 48), 1),
         ((300, 37), 1),

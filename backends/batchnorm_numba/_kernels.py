@@ -616,20 +616,51 @@ def rows_channel_stats(x3, tile, parallel):
     return mean, m2
 
 
+# The elementwise passes on their own (normalize, dx) cut the M * C rows of ``(M, C, L)``
+# into tiles in memory order, each row with its own channel's coefficients: a tile is one
+# contiguous block. A tile of one channel's rows reads pieces C * L values apart, which
+# made (8, 256, 196) normalize 1.2-1.5x slower, (32, 64, 3136) 1.1x. (The fused passes keep
+# channel tiles: their statistics need them, and their second pass re-reads those tiles.)
+
+
+@_helper
+def memory_rows(t, M, C, L, rows, chunk, chunks):
+    """Tile t of the memory-order rows: ``(m0, m1, r0, r1, l0, l1)``, the rows ``r = m * C + c``
+    in ``[r0, r1)`` (their m from m0 to m1 inclusive), values ``l0:l1`` of each."""
+    r0, r1, l0, l1 = row_tile(t, M * C, L, rows, chunk, chunks)
+    return r0 // C, (r1 - 1) // C, r0, r1, l0, l1
+
+
+@_helper
+def memory_normalize_task(x3, t, rows, chunk, chunks, shift, scale, offset, out3, stream):
+    M, C, L = x3.shape
+    m0, m1, r0, r1, l0, l1 = memory_rows(t, M, C, L, rows, chunk, chunks)
+    if C == 1:  # one channel: the tile's rows share coefficients, kept out of the row loop
+        row_tile_normalize(x3, 0, r0, r1, l0, l1, shift[0], scale[0], offset[0], out3, stream)
+    else:
+        for m in range(m0, m1 + 1):
+            c0 = r0 - m * C if m == m0 else 0
+            c1 = r1 - m * C if m == m1 else C
+            for c in range(c0, c1):  # (row_tile_normalize here ran 1.5x slower)
+                if stream:
+                    row_run_normalize(x3, c, m, l0, l1, shift[c], scale[c], offset[c], out3)
+                else:
+                    row_range_normalize(x3, c, m, l0, l1, shift[c], scale[c], offset[c], out3)
+    if stream:
+        stream_fence()
+
+
 @_kernel
 def rows_normalize(x3, shift, scale, offset, out3, tile, stream, parallel):
     M, C, L = x3.shape
-    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    rows, chunk, chunks, tiles = row_tiling(M * C, L, tile)
+    coefficients = (shift, scale, offset, out3, stream)
     if parallel:
-        for t in prange(C * tiles):
-            row_normalize_task(
-                x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3, stream
-            )
+        for t in prange(tiles):
+            memory_normalize_task(x3, t, rows, chunk, chunks, *coefficients)
     else:
-        for t in range(C * tiles):
-            row_normalize_task(
-                x3, t, rows, chunk, chunks, tiles, shift, scale, offset, out3, stream
-            )
+        for t in range(tiles):
+            memory_normalize_task(x3, t, rows, chunk, chunks, *coefficients)
 
 
 @_helper  # not a parallel kernel itself: rows_normalize's tiles run on the threads
@@ -802,17 +833,41 @@ def row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3, str
         stream_fence()
 
 
+@_helper
+def memory_input_grad_task(dy3, x3, t, rows, chunk, chunks, coefs, out3, stream):
+    """dx of a memory-order tile (see :func:`memory_normalize_task`)."""
+    M, C, L = x3.shape
+    m0, m1, r0, r1, l0, l1 = memory_rows(t, M, C, L, rows, chunk, chunks)
+    if C == 1:
+        row_tile_input_grad(
+            dy3, x3, 0, r0, r1, l0, l1, coefs[0, 0], coefs[1, 0], coefs[2, 0], coefs[3, 0],
+            out3, stream,
+        )  # fmt: skip
+    else:
+        for m in range(m0, m1 + 1):
+            c0 = r0 - m * C if m == m0 else 0
+            c1 = r1 - m * C if m == m1 else C
+            for c in range(c0, c1):
+                coefficients = (coefs[0, c], coefs[1, c], coefs[2, c], coefs[3, c], out3)
+                if stream:
+                    row_run_input_grad(dy3, x3, c, m, l0, l1, *coefficients)
+                else:
+                    row_range_input_grad(dy3, x3, c, m, l0, l1, *coefficients)
+    if stream:
+        stream_fence()
+
+
 @_kernel
 def rows_input_grad(dy3, x3, coefs, out3, tile, stream, parallel):
     """dx from ``coefs`` (rows of :func:`grad_coefficients`, in the dtype of ``out3``)."""
     M, C, L = x3.shape
-    rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    rows, chunk, chunks, tiles = row_tiling(M * C, L, tile)
     if parallel:
-        for t in prange(C * tiles):
-            row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3, stream)
+        for t in prange(tiles):
+            memory_input_grad_task(dy3, x3, t, rows, chunk, chunks, coefs, out3, stream)
     else:
-        for t in range(C * tiles):
-            row_input_grad_task(dy3, x3, t, rows, chunk, chunks, tiles, coefs, out3, stream)
+        for t in range(tiles):
+            memory_input_grad_task(dy3, x3, t, rows, chunk, chunks, coefs, out3, stream)
 
 
 @_helper
