@@ -107,6 +107,29 @@ def test_variance_of_offset_data_is_exact(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("channels", [2, 3, 5, 7, 12, 15])
+@pytest.mark.parametrize("rows", [1, 37, 1001, 40_000])
+def test_few_channels_last_match_the_reference(dtype, channels, rows):
+    """Channels-last with C < PERIODIC_COLUMNS sums each tile flat, a period of lcm(C, 16)
+    values at a time: tiles of one row, of a partial period and of many (parallel) periods
+    agree with the reference, offset data included."""
+    from batchnorm_numba._kernels import PERIODIC_COLUMNS
+
+    assert channels < PERIODIC_COLUMNS
+    offset, scale = (100.0, 1.0) if dtype == np.float16 else (1e4, 0.01)
+    spread = (_data((rows + 1, channels), np.float64, seed=rows) * scale + offset).astype(dtype)
+    _, mean, invstd = bn.forward(spread, eps=1e-6, backend="numba")  # two equal values:
+    _, mean_ref, invstd_ref = bn.forward(spread, eps=1e-6, backend="numpy")  # no inf
+    assert_close(mean, mean_ref, dtype, "mean of offset data")
+    assert_close(invstd, invstd_ref, dtype, "invstd of offset data")
+    x = _data((rows + 1, channels), dtype, seed=rows, offset=1.0)
+    for actual, expected, name in zip(
+        _train_step(x, 1, "numba"), _train_step(x, 1, "numpy"), NAMES
+    ):
+        assert_close(actual, expected, dtype, name)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_compiled_per_channel_steps_match_the_default(dtype):
     """finish_stats and update_running_stats (compiled loops) against the protocol's NumPy ones."""
     backend = bn.get_backend("numba")

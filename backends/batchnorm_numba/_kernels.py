@@ -1063,12 +1063,112 @@ def col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s, ahead):
             m2[c] += dev * dev
 
 
+# -- channels-last with few channels ------------------------------------------------------------
+# With C < PERIODIC_COLUMNS a row is shorter than a few vectors, and the column loops above
+# run (nearly) scalar. Such tiles are whole rows, one contiguous run of values: they are
+# summed flat instead, in blocks of ``period = lcm(C, 16)`` values where position j always
+# holds column j % C, and the period's partial sums fold into C columns at the end (in a
+# fixed order: results depend on the shape alone). On 2 threads, float32, forward-train and
+# backward of (1000000, 3) ran 3.3-3.8x and 1.8-2.1x faster; C = 5, 8, 12, 15: 1.0-1.5x
+# and 1.1-1.4x.
+PERIODIC_COLUMNS = 16
+
+
+@_helper
+def column_period(C):
+    """``lcm(C, 16)``: whole rows, and whole vectors of 4 or 8 values."""
+    a, b = C, 16
+    while b:
+        a, b = b, a % b
+    return C * 16 // a
+
+
+@_helper
+def fold_period(acc, C, out):
+    """``out[c] = sum(acc[c::C])``, in order."""
+    for c in range(C):
+        total = 0.0
+        for j in range(c, acc.size, C):
+            total += acc[j]
+        out[c] = total
+
+
+@_helper
+def periodic_centres(v, period):
+    """``v`` repeated over a period: ``centres[j] = v[j % C]`` (float64)."""
+    C = v.size
+    centres = np.empty(period)
+    for j in range(period):
+        centres[j] = v[j % C]
+    return centres
+
+
+@_helper
+def periodic_spans(m0, m1, C, period):
+    """Unsigned ``(first, quads, wholes, n, step)`` of the flat values of rows m0..m1:
+    ``quads`` values go in groups of four periods, up to ``wholes`` in single periods,
+    the rest (fewer than a period) one by one. (All unsigned: Numba types an unsigned
+    integer combined with a signed one as float64.)"""
+    step = np.uint64(period)
+    first, n = span(m0 * C, m1 * C)
+    quad = np.uint64(4) * step
+    return first, n // quad * quad, n // step * step, n, step
+
+
+@_helper
+def col_tile_mean_m2_periodic(x2, block, m0, m1, means, m2s, ahead):
+    """:func:`col_tile_mean_m2` of a tile of whole rows with C < PERIODIC_COLUMNS."""
+    M, C = x2.shape
+    x1 = x2.reshape(-1)
+    period = column_period(C)
+    first, quads, wholes, n, step = periodic_spans(m0, m1, C, period)
+    step2, step3, quad = step + step, step + step + step, step + step + step + step
+    acc = np.zeros(period)
+    for i in range(first, first + quads, quad):
+        for j in range(step):
+            acc[j] += (np.float64(widen(x1[i + j])) + widen(x1[i + step + j])) + (
+                np.float64(widen(x1[i + step2 + j])) + widen(x1[i + step3 + j])
+            )
+    for i in range(first + quads, first + wholes, step):
+        for j in range(step):
+            acc[j] += widen(x1[i + j])
+    for j in range(n - wholes):
+        acc[j] += widen(x1[first + wholes + j])
+    mean, m2 = means[block], m2s[block]
+    fold_period(acc, C, mean)
+    for c in range(C):
+        mean[c] /= m1 - m0
+    centre = periodic_centres(mean, period)
+    acc[:] = 0.0
+    for i in range(first, first + quads, quad):
+        if ahead:
+            prefetch_span(x1, i + np.uint64(ahead), quad)
+        for j in range(step):
+            d0, d1 = widen(x1[i + j]) - centre[j], widen(x1[i + step + j]) - centre[j]
+            d2 = widen(x1[i + step2 + j]) - centre[j]
+            d3 = widen(x1[i + step3 + j]) - centre[j]
+            acc[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for i in range(first + quads, first + wholes, step):
+        for j in range(step):
+            dev = widen(x1[i + j]) - centre[j]
+            acc[j] += dev * dev
+    for j in range(n - wholes):
+        dev = widen(x1[first + wholes + j]) - centre[j]
+        acc[j] += dev * dev
+    fold_period(acc, C, m2)
+
+
 @_helper
 def col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s, prefetch):
-    """:func:`col_tile_mean_m2` of tile t, prefetching the next row block if asked."""
+    """:func:`col_tile_mean_m2` (or its periodic form) of tile t, prefetching the next row
+    block if asked."""
     M, C = x2.shape
     ahead = rows * C if prefetch else 0
-    col_tile_mean_m2(x2, *col_tile(t, M, C, rows, cols, col_blocks), means, m2s, ahead)
+    block, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
+    if C < PERIODIC_COLUMNS:
+        col_tile_mean_m2_periodic(x2, block, m0, m1, means, m2s, ahead)
+    else:
+        col_tile_mean_m2(x2, block, m0, m1, c0, c1, means, m2s, ahead)
 
 
 @_helper
@@ -1283,10 +1383,49 @@ def cols_forward_train(
 
 
 @_helper
+def col_grad_sums_periodic(dy2, x2, block, m0, m1, mean64, sums_dy, sums_dy_xmu):
+    """:func:`col_partial_grad_sums` of a tile of whole rows with C < PERIODIC_COLUMNS."""
+    M, C = x2.shape
+    x1, dy1 = x2.reshape(-1), dy2.reshape(-1)
+    period = column_period(C)
+    first, quads, wholes, n, step = periodic_spans(m0, m1, C, period)
+    step2, step3, quad = step + step, step + step + step, step + step + step + step
+    centre = periodic_centres(mean64, period)
+    acc_dy = np.zeros(period)
+    acc_dy_xmu = np.zeros(period)
+    for i in range(first, first + quads, quad):
+        for j in range(step):
+            dy0, dy1_ = np.float64(widen(dy1[i + j])), np.float64(widen(dy1[i + step + j]))
+            dy2_ = np.float64(widen(dy1[i + step2 + j]))
+            dy3 = np.float64(widen(dy1[i + step3 + j]))
+            acc_dy[j] += (dy0 + dy1_) + (dy2_ + dy3)
+            acc_dy_xmu[j] += (
+                dy0 * (widen(x1[i + j]) - centre[j]) + dy1_ * (widen(x1[i + step + j]) - centre[j])
+            ) + (
+                dy2_ * (widen(x1[i + step2 + j]) - centre[j])
+                + dy3 * (widen(x1[i + step3 + j]) - centre[j])
+            )
+    for i in range(first + quads, first + wholes, step):
+        for j in range(step):
+            dy = np.float64(widen(dy1[i + j]))
+            acc_dy[j] += dy
+            acc_dy_xmu[j] += dy * (widen(x1[i + j]) - centre[j])
+    for j in range(n - wholes):
+        dy = np.float64(widen(dy1[first + wholes + j]))
+        acc_dy[j] += dy
+        acc_dy_xmu[j] += dy * (widen(x1[first + wholes + j]) - centre[j])
+    fold_period(acc_dy, C, sums_dy[block])
+    fold_period(acc_dy_xmu, C, sums_dy_xmu[block])
+
+
+@_helper
 def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu):
     """Partial rows of tile t, four rows per update (see :func:`col_tile_mean_m2`)."""
     M, C = x2.shape
     block, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
+    if C < PERIODIC_COLUMNS:
+        col_grad_sums_periodic(dy2, x2, block, m0, m1, mean64, sums_dy, sums_dy_xmu)
+        return
     sum_dy = sums_dy[block, c0:c1]
     sum_dy_xmu = sums_dy_xmu[block, c0:c1]
     mean = mean64[c0:c1]
