@@ -2,7 +2,9 @@
 
 They fix how the work is cut into tiles, so they (and the shape, never the thread count)
 decide the order of floating-point operations: changing one changes results in the last bits.
-Measured on a 2-core AMD EPYC (Zen 3: 32 KiB L1d, 512 KiB L2 per core).
+Measured on a 2-core AMD EPYC (Zen 3: 32 KiB L1d, 512 KiB L2 per core). One threshold lives
+in ``_kernels.py`` instead, ``PERIODIC_COLUMNS``: the kernels read it as a constant when
+they compile, and Numba's cache would not see it change here.
 """
 
 #: Channels-first: elements per tile (rows of one channel, or a piece of a long row).
