@@ -1096,16 +1096,6 @@ def fold_period(acc, C, out):
 
 
 @_helper
-def periodic_centres(v, period):
-    """``v`` repeated over a period: ``centres[j] = v[j % C]`` (float64)."""
-    C = v.size
-    centres = np.empty(period)
-    for j in range(period):
-        centres[j] = v[j % C]
-    return centres
-
-
-@_helper
 def periodic_spans(m0, m1, C, period):
     """Unsigned ``(first, quads, wholes, n, step)`` of the flat values of rows m0..m1:
     ``quads`` values go in groups of four periods, up to ``wholes`` in single periods,
@@ -1140,7 +1130,7 @@ def col_tile_mean_m2_periodic(x2, block, m0, m1, means, m2s, ahead):
     fold_period(acc, C, mean)
     for c in range(C):
         mean[c] /= m1 - m0
-    centre = periodic_centres(mean, period)
+    centre = periodic(mean, period - C)  # float64
     acc[:] = 0.0
     for i in range(first, first + quads, quad):
         if ahead:
@@ -1411,7 +1401,7 @@ def col_grad_sums_periodic(dy2, x2, block, m0, m1, mean64, sums_dy, sums_dy_xmu)
     period = column_period(C)
     first, quads, wholes, n, step = periodic_spans(m0, m1, C, period)
     step2, step3, quad = step + step, step + step + step, step + step + step + step
-    centre = periodic_centres(mean64, period)
+    centre = periodic(mean64, period - C)
     acc_dy = np.zeros(period)
     acc_dy_xmu = np.zeros(period)
     for i in range(first, first + quads, quad):
