@@ -301,10 +301,9 @@ class NumbaBackend(Backend):
         x, dy = _input(x3), _input(dy3)
         mean64 = _vector(mean, 0.0, x3.shape[1])
         parallel = _is_parallel(x.size)
+        kernel = kernels.cols_grad_sums if x.ndim == 2 else kernels.rows_grad_sums
         with _launch(parallel):
-            if x.ndim == 2:
-                return kernels.cols_grad_sums(dy, x, mean64, *_tiling(x), parallel)
-            return kernels.rows_grad_sums(dy, x, mean64, *_tiling(x), parallel)
+            return kernel(dy, x, mean64, *_tiling(x), parallel)
 
     # -- phase 2 ---------------------------------------------------------------------------
     def normalize(self, x3, mean, invstd, weight, bias, out3):

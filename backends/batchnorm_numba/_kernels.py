@@ -632,6 +632,12 @@ def memory_rows(t, M, C, L, rows, chunk, chunks):
 
 
 @_helper
+def memory_row_channels(m, m0, m1, r0, r1, C):
+    """``(c0, c1)``: the channels of batch row m among the tile's rows ``[r0, r1)``."""
+    return (r0 - m * C if m == m0 else 0), (r1 - m * C if m == m1 else C)
+
+
+@_helper
 def memory_normalize_task(x3, t, rows, chunk, chunks, shift, scale, offset, out3, stream):
     M, C, L = x3.shape
     m0, m1, r0, r1, l0, l1 = memory_rows(t, M, C, L, rows, chunk, chunks)
@@ -639,8 +645,7 @@ def memory_normalize_task(x3, t, rows, chunk, chunks, shift, scale, offset, out3
         row_tile_normalize(x3, 0, r0, r1, l0, l1, shift[0], scale[0], offset[0], out3, stream)
     else:
         for m in range(m0, m1 + 1):
-            c0 = r0 - m * C if m == m0 else 0
-            c1 = r1 - m * C if m == m1 else C
+            c0, c1 = memory_row_channels(m, m0, m1, r0, r1, C)
             for c in range(c0, c1):  # (row_tile_normalize here ran 1.5x slower)
                 if stream:
                     row_run_normalize(x3, c, m, l0, l1, shift[c], scale[c], offset[c], out3)
@@ -845,8 +850,7 @@ def memory_input_grad_task(dy3, x3, t, rows, chunk, chunks, coefs, out3, stream)
         )  # fmt: skip
     else:
         for m in range(m0, m1 + 1):
-            c0 = r0 - m * C if m == m0 else 0
-            c1 = r1 - m * C if m == m1 else C
+            c0, c1 = memory_row_channels(m, m0, m1, r0, r1, C)
             for c in range(c0, c1):
                 coefficients = (coefs[0, c], coefs[1, c], coefs[2, c], coefs[3, c], out3)
                 if stream:
