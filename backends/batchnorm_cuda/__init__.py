@@ -207,8 +207,12 @@ class CudaBackend(Backend):
         )
         return mean, m2
 
-    def forward_train(self, x3, weight, bias, eps: float, out3, stat_dtype):
-        # Three launches: partial statistics, their merge with the finishing step, normalize.
+    def forward_train(
+        self, x3, weight, bias, eps, out3, stat_dtype, running_mean=None, running_var=None,
+        momentum=0.0,
+    ):  # fmt: skip
+        # Three launches: partial statistics, their merge with the finishing step, normalize
+        # (and a fourth for the running statistics).
         acc = _acc_dtype(x3.dtype)
         parts = self._reduce("stats", x3, (np.int64, acc, acc), x3)
         channels = x3.shape[1]
@@ -226,6 +230,10 @@ class CudaBackend(Backend):
             invstd,
         )
         self.normalize(x3, mean, invstd, weight, bias, out3)
+        if running_mean is not None:
+            self.update_running_stats(
+                running_mean, running_var, mean, var, x3.shape[0] * x3.shape[2], momentum
+            )
         return mean, var, invstd
 
     def grad_sums(self, dy3, x3, mean):

@@ -241,11 +241,19 @@ class CupyBackend(Backend):
             )
 
     # -- fused paths ---------------------------------------------------------------------------
-    def forward_train(self, x3, weight, bias, eps: float, out3, stat_dtype):
-        """Statistics with var and invstd from the finishing kernel, then one normalize pass."""
+    def forward_train(
+        self, x3, weight, bias, eps, out3, stat_dtype, running_mean=None, running_var=None,
+        momentum=0.0,
+    ):  # fmt: skip
+        """Statistics with var and invstd from the finishing kernel, then one normalize pass
+        (and the running statistics' kernel)."""
         with self._device(x3):
             mean, _, var, invstd = self._stats(x3, eps=eps)
             self.normalize(x3, mean, invstd, weight, bias, out3)
+            if running_mean is not None:
+                self.update_running_stats(
+                    running_mean, running_var, mean, var, x3.shape[0] * x3.shape[2], momentum
+                )
         stats = (mean, var, invstd)
         if mean.dtype == stat_dtype:  # always, through the public API
             return stats

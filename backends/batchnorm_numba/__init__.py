@@ -83,10 +83,17 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _no_lock = contextlib.nullcontext()
 
 
+_thread_safe_layer = False  # set once a thread-safe layer ("omp", "tbb") is known to run
+
+
 def _launch(parallel: bool) -> contextlib.AbstractContextManager:
     """The lock around a parallel kernel unless the layer is known thread-safe."""
-    if parallel and _threading_layer() in (None, "workqueue"):
+    global _thread_safe_layer
+    if not parallel or _thread_safe_layer:  # the layer never changes once launched
+        return _no_lock
+    if _threading_layer() in (None, "workqueue"):
         return _workqueue_lock
+    _thread_safe_layer = True
     return _no_lock
 
 
@@ -95,6 +102,7 @@ def _is_parallel(size: int) -> bool:
 
 
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
+_NUMBA_FLOATS = frozenset((_FLOAT32, _FLOAT64))
 
 
 def _compute_dtype(dtype: Any) -> np.dtype:
@@ -156,9 +164,9 @@ def _output(out3: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return np.empty(view.shape, dtype=_kernel_dtype(view.dtype)), view
 
 
-def _publish(out: np.ndarray, pending: np.ndarray | None) -> None:
-    if pending is not None:
-        pending[...] = out.view(np.float16) if out.dtype == np.uint16 else out
+def _publish(out: np.ndarray, pending: np.ndarray) -> None:
+    """Copy what a kernel wrote into ``out`` to the view :func:`_output` left pending."""
+    pending[...] = out.view(np.float16) if out.dtype == np.uint16 else out
 
 
 def _tiling(x: np.ndarray) -> tuple[int, ...]:
@@ -208,6 +216,8 @@ def _vector(v: Any, fill: float, channels: int, dtype: np.dtype = _FLOAT64) -> n
     ``fill`` take a third of ``np.full``'s time; ``astype`` (always a new contiguous
     array) half of ``ascontiguousarray``'s when the dtype changes.
     """
+    if type(v) is np.ndarray and v.dtype is dtype and v.flags.c_contiguous:
+        return v  # the common case first: the core checked the shape
     if v is None:
         filled = np.empty(channels, dtype)
         filled.fill(fill)
@@ -215,6 +225,15 @@ def _vector(v: Any, fill: float, channels: int, dtype: np.dtype = _FLOAT64) -> n
     if type(v) is np.ndarray and v.ndim == 1 and v.dtype != dtype:
         return v.astype(dtype)
     return np.ascontiguousarray(v, dtype=dtype)
+
+
+def _param(v: Any, fill: float, channels: int, dtype: np.dtype) -> np.ndarray:
+    """A per-channel argument the kernel widens itself: ``v`` as it is when it is a
+    contiguous float32 or float64 NumPy vector (no per-call conversion), else
+    :func:`_vector` in ``dtype``."""
+    if type(v) is np.ndarray and v.dtype in _NUMBA_FLOATS and v.flags.c_contiguous:
+        return v  # the core checked the shape: (C,)
+    return _vector(v, fill, channels, dtype)
 
 
 def _scale(invstd: Any, weight: Any, channels: int, dtype: np.dtype) -> np.ndarray:
@@ -228,15 +247,18 @@ def _scale(invstd: Any, weight: Any, channels: int, dtype: np.dtype) -> np.ndarr
     return np.multiply(invstd, weight, dtype=_FLOAT64).astype(dtype, copy=False)
 
 
-_NUMBA_FLOATS = frozenset((_FLOAT32, _FLOAT64))
-
-
 def _numba_vectors(*vectors: Any) -> bool:
     """Whether per-channel vectors go to a compiled loop: NumPy float32/float64 1-D arrays."""
     for v in vectors:
-        if not (isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype in _NUMBA_FLOATS):
+        if not (type(v) is np.ndarray and v.ndim == 1 and v.dtype in _NUMBA_FLOATS):
             return False
     return True
+
+
+#: The running statistics the fused training kernels update when there are none: empty
+#: vectors of the compute dtype, so the kernels compiled for them are those for float32
+#: (float64) running statistics.
+_NO_RUNNING = {dtype: (np.empty(0, dtype), np.empty(0, dtype)) for dtype in _NUMBA_FLOATS}
 
 
 class NumbaBackend(Backend):
@@ -299,11 +321,11 @@ class NumbaBackend(Backend):
 
     def grad_sums(self, dy3, x3, mean):
         x, dy = _input(x3), _input(dy3)
-        mean64 = _vector(mean, 0.0, x3.shape[1])
+        mean = _param(mean, 0.0, x3.shape[1], _compute_dtype(x3.dtype))
         parallel = _is_parallel(x.size)
         kernel = kernels.cols_grad_sums if x.ndim == 2 else kernels.rows_grad_sums
         with _launch(parallel):
-            return kernel(dy, x, mean64, *_tiling(x), parallel)
+            return kernel(dy, x, mean, *_tiling(x), parallel)
 
     # -- phase 2 ---------------------------------------------------------------------------
     def normalize(self, x3, mean, invstd, weight, bias, out3):
@@ -318,7 +340,8 @@ class NumbaBackend(Backend):
         out, pending = _output(out3)
         with _launch(parallel):
             kernel(x, shift, scale, offset, out, *_tiling(x), _stream(out), parallel)
-        _publish(out, pending)
+        if pending is not None:
+            _publish(out, pending)
 
     def input_grad(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3):
         channels = x3.shape[1]
@@ -339,40 +362,47 @@ class NumbaBackend(Backend):
         out, pending = _output(out3)
         with _launch(parallel):
             kernel(dy, x, coefs, out, *_tiling(x), _stream(out), parallel)
-        _publish(out, pending)
+        if pending is not None:
+            _publish(out, pending)
 
     # -- fused: one kernel call each ------------------------------------------------------------
     # Results go into arrays allocated here: a compiled function returning new arrays costs
     # about 1.5 us more per call.
-    def forward_train(self, x3, weight, bias, eps, out3, stat_dtype):
+    def forward_train(
+        self, x3, weight, bias, eps, out3, stat_dtype, running_mean=None, running_var=None,
+        momentum=0.0,
+    ):  # fmt: skip
         x = _input(x3)
         channels = x3.shape[1]
         ct = _compute_dtype(x3.dtype)
-        weight64 = _vector(weight, 1.0, channels)
+        weight = _param(weight, 1.0, channels, ct)
         offset = _vector(bias, 0.0, channels, ct)
         stats = np.empty((3, channels), ct)
+        # The kernels update NumPy float32/float64 running statistics too (a Python call
+        # less); an empty pair updates nothing.
+        fused = running_mean is not None and _numba_vectors(running_mean, running_var)
+        running = (running_mean, running_var) if fused else _NO_RUNNING[ct]
+        count = x3.shape[0] * x3.shape[2]
+        unbias = momentum * count / (count - 1) if fused else 0.0
         parallel = _is_parallel(x.size)
         out, pending = _output(out3)
         with _launch(parallel):
             if x.ndim == 2:
                 kernels.cols_forward_train(
-                    x, weight64, offset, eps, out, stats, *_tiling(x),
-                    _prefetch(x), _stream(out), parallel,
+                    x, weight, offset, eps, out, stats, *running, momentum, unbias,
+                    *_tiling(x), _prefetch(x), _stream(out), parallel,
                 )  # fmt: skip
             else:
                 kernels.rows_forward_train(
-                    x,
-                    weight64,
-                    offset,
-                    eps,
-                    out,
-                    stats,
-                    config.TILE_ELEMENTS,
-                    _resident(x, arrays=1),
-                    _stream(out),
-                    parallel,
-                )
-        _publish(out, pending)
+                    x, weight, offset, eps, out, stats, *running, momentum, unbias,
+                    config.TILE_ELEMENTS, _resident(x, arrays=1), _stream(out), parallel,
+                )  # fmt: skip
+        if pending is not None:
+            _publish(out, pending)
+        if running_mean is not None and not fused:
+            self.update_running_stats(
+                running_mean, running_var, stats[0], stats[1], count, momentum
+            )
         if ct != stat_dtype:  # never with the core's dtypes: the kernels compute in them
             stats = stats.astype(stat_dtype)
         return stats[0], stats[1], stats[2]
@@ -385,8 +415,8 @@ class NumbaBackend(Backend):
             )
         channels = x3.shape[1]
         # weight and bias keep their dtype (the kernel widens them), like the running stats.
-        weight = _vector(weight, 1.0, channels, ct) if not _numba_vectors(weight) else weight
-        bias = _vector(bias, 0.0, channels, ct) if not _numba_vectors(bias) else bias
+        weight = _param(weight, 1.0, channels, ct)
+        bias = _param(bias, 0.0, channels, ct)
         stats = np.empty((2, channels), ct)
         x = _input(x3)
         parallel = _is_parallel(x.size)
@@ -402,34 +432,37 @@ class NumbaBackend(Backend):
                     x, running_mean, running_var, weight, bias, eps, out, stats,
                     config.TILE_ELEMENTS, _stream(out), parallel,
                 )  # fmt: skip
-        _publish(out, pending)
+        if pending is not None:
+            _publish(out, pending)
         return stats[0], stats[1]
 
     def backward_train(self, dy3, x3, mean, invstd, weight, out3):
         x, dy = _input(x3), _input(dy3)
         channels = x3.shape[1]
-        mean64 = _vector(mean, 0.0, channels)
-        invstd64 = _vector(invstd, 1.0, channels)
-        weight64 = _vector(weight, 1.0, channels)
+        ct = _compute_dtype(x3.dtype)
+        mean = _param(mean, 0.0, channels, ct)
+        invstd = _param(invstd, 1.0, channels, ct)
+        weight = _param(weight, 1.0, channels, ct)
         parallel = _is_parallel(x.size)
         out, pending = _output(out3)
         with _launch(parallel):
             if x.ndim == 2:
                 sums = kernels.cols_backward_train(
-                    dy, x, mean64, invstd64, weight64, out, *_tiling(x), _stream(out), parallel
+                    dy, x, mean, invstd, weight, out, *_tiling(x), _stream(out), parallel
                 )
             else:
                 sums = kernels.rows_backward_train(
                     dy,
                     x,
-                    mean64,
-                    invstd64,
-                    weight64,
+                    mean,
+                    invstd,
+                    weight,
                     out,
                     config.TILE_ELEMENTS,
                     _resident(x, arrays=2),
                     _stream(out),
                     parallel,
                 )
-        _publish(out, pending)
+        if pending is not None:
+            _publish(out, pending)
         return sums

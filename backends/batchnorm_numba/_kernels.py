@@ -179,6 +179,13 @@ def finish_stats(mean, m2, count, eps, stats):
 
 
 @_helper
+def float64_vectors(mean, invstd, weight):
+    """The per-channel arguments of the gradient kernels as float64 (exact from float32):
+    converted here, a NumPy ``astype`` per vector would cost a microsecond of each call."""
+    return mean.astype(np.float64), invstd.astype(np.float64), weight.astype(np.float64)
+
+
+@_helper
 def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, unbias):
     """In place: ``running = (1 - momentum) * running + momentum * batch`` (var unbiased)."""
     keep = 1.0 - momentum
@@ -717,8 +724,12 @@ def row_forward_channel(
 
 
 @_kernel
-def rows_forward_train(x3, weight64, offset, eps, out3, stats, tile, resident, stream, parallel):
-    """Fused statistics and normalize; ``stats`` (3, C) receives mean, var and invstd.
+def rows_forward_train(
+    x3, weight, offset, eps, out3, stats, running_mean, running_var, momentum, unbias, tile,
+    resident, stream, parallel,
+):  # fmt: skip
+    """Fused statistics and normalize; ``stats`` (3, C) receives mean, var and invstd, and
+    the running statistics are updated (:func:`update_running_stats`; empty arrays for none).
 
     ``resident``: one task per channel (for channels that fit in L2), so the normalize pass
     reads the channel from cache. Otherwise tiles of all channels are spread over the
@@ -726,6 +737,7 @@ def rows_forward_train(x3, weight64, offset, eps, out3, stats, tile, resident, s
     """
     M, C, L = x3.shape
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
+    weight64 = weight.astype(np.float64)
     mean_out, var_out, invstd_out = stats[0], stats[1], stats[2]
     scale = compute_empty(C, out3)
     if resident:
@@ -747,31 +759,32 @@ def rows_forward_train(x3, weight64, offset, eps, out3, stats, tile, resident, s
                 scale,
                 stream,
             )
-        return
-    tasks = C * tiles
-    count = np.empty(tasks)
-    means = np.empty(tasks)
-    m2s = np.empty(tasks)
-    if parallel:
-        for t in prange(tasks):
-            row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s)
     else:
-        for t in range(tasks):
-            row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s)
-    for c in range(C):
-        n, mean, m2 = merge_partials(count, means, m2s, c * tiles, tiles)
-        finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
-    last = tasks - 1
-    if parallel:
-        for t in prange(tasks):
-            row_normalize_task(
-                x3, last - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3, stream
-            )
-    else:
-        for t in range(tasks):
-            row_normalize_task(
-                x3, last - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3, stream
-            )
+        tasks = C * tiles
+        count = np.empty(tasks)
+        means = np.empty(tasks)
+        m2s = np.empty(tasks)
+        if parallel:
+            for t in prange(tasks):
+                row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s)
+        else:
+            for t in range(tasks):
+                row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s)
+        for c in range(C):
+            n, mean, m2 = merge_partials(count, means, m2s, c * tiles, tiles)
+            finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
+        last = tasks - 1
+        if parallel:
+            for t in prange(tasks):
+                row_normalize_task(
+                    x3, last - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3, stream
+                )
+        else:
+            for t in range(tasks):
+                row_normalize_task(
+                    x3, last - t, rows, chunk, chunks, tiles, mean_out, scale, offset, out3, stream
+                )
+    update_running_stats(running_mean, running_var, mean_out, var_out, momentum, unbias)
 
 
 @_helper
@@ -784,8 +797,9 @@ def row_partial_grad_sums(dy3, x3, t, rows, chunk, chunks, tiles, mean64, sums_d
 
 
 @_kernel
-def rows_grad_sums(dy3, x3, mean64, tile, parallel):
+def rows_grad_sums(dy3, x3, mean, tile, parallel):
     M, C, L = x3.shape
+    mean64 = mean.astype(np.float64)
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
     sums_dy = np.empty(C * tiles)
     sums_dy_xmu = np.empty(C * tiles)
@@ -918,11 +932,10 @@ def row_backward_channel(
 
 
 @_kernel
-def rows_backward_train(
-    dy3, x3, mean64, invstd64, weight64, out3, tile, resident, stream, parallel
-):
+def rows_backward_train(dy3, x3, mean, invstd, weight, out3, tile, resident, stream, parallel):
     """Fused gradient sums and dx; returns float64 sums. ``resident`` as in the forward."""
     M, C, L = x3.shape
+    mean64, invstd64, weight64 = float64_vectors(mean, invstd, weight)
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
     coefs = compute_empty((4, C), out3)
     sum_dy = np.zeros(C)
@@ -1352,11 +1365,15 @@ def cols_forward_eval(
 @_kernel
 def cols_forward_train(
     x2,
-    weight64,
+    weight,
     offset,
     eps,
     out2,
     stats,
+    running_mean,
+    running_var,
+    momentum,
+    unbias,
     tile,
     column_block,
     min_rows,
@@ -1364,7 +1381,8 @@ def cols_forward_train(
     stream,
     parallel,
 ):
-    """Statistics, then normalize; ``stats`` (3, C) receives mean, var and invstd.
+    """Statistics, then normalize; ``stats`` (3, C) receives mean, var and invstd, and the
+    running statistics are updated (:func:`update_running_stats`; empty arrays for none).
 
     The normalize pass takes the tiles last to first: the last ones read are still in cache.
     With ``prefetch``, each statistics tile prefetches the next (:func:`col_tile_mean_m2`).
@@ -1381,10 +1399,12 @@ def cols_forward_train(
         for t in range(tasks):
             col_partial_stats(x2, t, rows, cols, col_blocks, means, m2s, prefetch)
     mean, m2 = col_merge(means, m2s, M, rows)
+    weight64 = weight.astype(np.float64)
     mean_out, var_out, invstd_out = stats[0], stats[1], stats[2]
     scale = compute_empty(C, out2)
     for c in range(C):
         finish_channel(c, M, mean[c], m2[c], eps, weight64, mean_out, var_out, invstd_out, scale)
+    update_running_stats(running_mean, running_var, mean_out, var_out, momentum, unbias)
     if parallel:
         for t in prange(tasks):
             col_normalize_task(
@@ -1470,8 +1490,9 @@ def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, s
 
 
 @_kernel
-def cols_grad_sums(dy2, x2, mean64, tile, column_block, min_rows, parallel):
+def cols_grad_sums(dy2, x2, mean, tile, column_block, min_rows, parallel):
     M, C = x2.shape
+    mean64 = mean.astype(np.float64)
     rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
     sums_dy = np.empty((row_blocks, C))
     sums_dy_xmu = np.empty((row_blocks, C))
@@ -1549,10 +1570,11 @@ def cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, stream, 
 
 @_kernel
 def cols_backward_train(
-    dy2, x2, mean64, invstd64, weight64, out2, tile, column_block, min_rows, stream, parallel
+    dy2, x2, mean, invstd, weight, out2, tile, column_block, min_rows, stream, parallel
 ):
     """Fused gradient sums and dx (tiles last to first); returns float64 sums."""
     M, C = x2.shape
+    mean64, invstd64, weight64 = float64_vectors(mean, invstd, weight)
     rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
     tasks = row_blocks * col_blocks
     sums_dy = np.empty((row_blocks, C))

@@ -63,6 +63,7 @@ class _Call:
             raise ValueError(f"axis {axis} is out of range for x with {ndim} dimensions")
         self.axis = int(axis) % ndim
         self.channels = int(shape[self.axis])
+        self.vector_shape = (self.channels,)
         self.count = math.prod(shape) // self.channels if self.channels else 0
         self.stat_dtype = stat_dtype_for(self.x.dtype)
         self._plan(self.x)
@@ -83,13 +84,14 @@ class _Call:
         return None if geometry is None else self.backend.strided_view(native, *geometry)
 
     def _native(self, name: str, array: Any) -> Any:
-        if not self.backend.accepts(array):
+        backend = self.backend
+        if not backend.accepts(array):
             raise TypeError(
                 f"{name} is a {_type_name(array)}, which backend "
-                f"{self.backend.name!r} cannot operate on (x is a "
+                f"{backend.name!r} cannot operate on (x is a "
                 f"{_type_name(self.x_user)}); arrays are never moved implicitly"
             )
-        return self.backend.as_native(array)
+        return backend.as_native(array)
 
     def vector(self, name: str, array: Any, required: bool = False) -> Any:
         """A per-channel argument: None or a float array of shape (C,) of the backend's kind."""
@@ -98,8 +100,10 @@ class _Call:
                 raise ValueError(f"{name} is required")
             return None
         native = self._native(name, array)
-        _check_float(name, native)
-        if tuple(native.shape) != (self.channels,):
+        if native.dtype not in _FLOAT_DTYPE_SET:  # the common case costs one set lookup
+            _check_float(name, native)
+        shape = native.shape
+        if shape != self.vector_shape and tuple(shape) != self.vector_shape:
             raise ValueError(
                 f"{name} must have shape ({self.channels},) to match the "
                 f"{self.channels} channels of x along axis {self.axis}, "
@@ -297,10 +301,10 @@ def forward(
     x3 = call.view3(call.x)
     y, y3, publish = call.output(out_native)
     if training:
-        mean, var, invstd = be.forward_train(x3, weight, bias, eps, y3, call.stat_dtype)
+        mean, _, invstd = be.forward_train(
+            x3, weight, bias, eps, y3, call.stat_dtype, running_mean, running_var, momentum
+        )
         publish()
-        if running_mean is not None:
-            be.update_running_stats(running_mean, running_var, mean, var, call.count, momentum)
     else:
         mean, invstd = be.forward_eval(
             x3, running_mean, running_var, weight, bias, eps, y3, call.stat_dtype

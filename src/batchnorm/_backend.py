@@ -143,17 +143,30 @@ class Backend(ABC):
 
     # -- composed paths (override to fuse) ------------------------------------------------------
     def forward_train(
-        self, x3, weight, bias, eps: float, out3, stat_dtype
+        self,
+        x3,
+        weight,
+        bias,
+        eps: float,
+        out3,
+        stat_dtype,
+        running_mean=None,
+        running_var=None,
+        momentum: float = 0.0,
     ) -> tuple[Any, Any, Any]:
         """Batch statistics and normalized output in one call.
 
-        Returns ``(mean, var, invstd)`` of dtype ``stat_dtype`` (``var`` biased).
+        Returns ``(mean, var, invstd)`` of dtype ``stat_dtype`` (``var`` biased). When
+        ``running_mean`` and ``running_var`` are given, they are updated in place as by
+        :meth:`update_running_stats` (a backend may fuse the update into its kernel, as
+        cuDNN does).
         """
+        count = x3.shape[0] * x3.shape[2]
         mean_acc, m2 = self.channel_stats(x3)
-        mean, var, invstd = self.finish_stats(
-            mean_acc, m2, x3.shape[0] * x3.shape[2], eps, stat_dtype
-        )
+        mean, var, invstd = self.finish_stats(mean_acc, m2, count, eps, stat_dtype)
         self.normalize(x3, mean, invstd, weight, bias, out3)
+        if running_mean is not None:
+            self.update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return mean, var, invstd
 
     def forward_eval(
