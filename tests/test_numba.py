@@ -80,6 +80,20 @@ def test_parallel_paths_match_reference(shape, axis, path, dtype):
         assert_close(a, e, dtype, f"{name} ({path})")
 
 
+def test_one_tile_runs_on_the_calling_thread():
+    """A channels-last batch of one tile (64 rows of 1024 features) skips the parallel
+    launch, which costs more than it saves there; one row more makes two tiles, run in
+    parallel. Both agree with the reference."""
+    from batchnorm_numba import _is_parallel
+
+    for rows, parallel in ((64, False), (65, True)):
+        x = _data((rows, 1024), np.float32, offset=3.0)
+        assert x.size >= _config.SERIAL_ELEMENTS
+        assert _is_parallel(x) is parallel
+        for name, a, e in zip(NAMES, _train_step(x, 1, "numba"), _train_step(x, 1, "numpy")):
+            assert_close(a, e, np.float32, f"{name} ({rows} rows)")
+
+
 def test_the_cases_cover_both_fused_strategies():
     """One-channel-per-task and merged-tiles paths are both among PARALLEL_CASES."""
     from batchnorm_numba import _input, _resident

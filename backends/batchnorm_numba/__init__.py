@@ -97,8 +97,19 @@ def _launch(parallel: bool) -> contextlib.AbstractContextManager:
     return _no_lock
 
 
-def _is_parallel(size: int) -> bool:
-    return size >= config.SERIAL_ELEMENTS and not _serial_only
+def _is_parallel(x: np.ndarray) -> bool:
+    """Whether a kernel runs its tiles on the thread pool: enough elements to pay for the
+    launch, and more than one tile (a channels-last (64, 1024) is one tile: launched in
+    parallel, forward-train ran 1.5x slower than on the calling thread alone)."""
+    if x.size < config.SERIAL_ELEMENTS or _serial_only:
+        return False
+    if x.ndim == 2:
+        M, C = x.shape
+        rows = max(
+            config.MIN_ROWS_PER_TILE, config.COLUMN_TILE_ELEMENTS // min(C, config.COLUMN_BLOCK)
+        )
+        return M > rows or C > config.COLUMN_BLOCK
+    return True
 
 
 _FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
@@ -202,7 +213,7 @@ def _prefetch(x: np.ndarray) -> bool:
 
 def _resident(x: np.ndarray, arrays: int) -> bool:
     """Whether a fused pass runs one task per channel: a channel of ``arrays`` inputs in L2."""
-    if x.ndim == 2 or not _is_parallel(x.size):
+    if x.ndim == 2 or not _is_parallel(x):
         return False
     M, C, L = x.shape
     channel_bytes = arrays * M * L * x.itemsize
@@ -313,7 +324,7 @@ class NumbaBackend(Backend):
     # -- phase 1 ---------------------------------------------------------------------------
     def channel_stats(self, x3):
         x = _input(x3)
-        parallel = _is_parallel(x.size)
+        parallel = _is_parallel(x)
         with _launch(parallel):
             if x.ndim == 2:
                 return kernels.cols_channel_stats(x, *_tiling(x), _prefetch(x), parallel)
@@ -322,7 +333,7 @@ class NumbaBackend(Backend):
     def grad_sums(self, dy3, x3, mean):
         x, dy = _input(x3), _input(dy3)
         mean = _param(mean, 0.0, x3.shape[1], _compute_dtype(x3.dtype))
-        parallel = _is_parallel(x.size)
+        parallel = _is_parallel(x)
         kernel = kernels.cols_grad_sums if x.ndim == 2 else kernels.rows_grad_sums
         with _launch(parallel):
             return kernel(dy, x, mean, *_tiling(x), parallel)
@@ -335,7 +346,7 @@ class NumbaBackend(Backend):
         scale = _scale(invstd, weight, channels, ct)
         offset = _vector(bias, 0.0, channels, ct)
         x = _input(x3)
-        parallel = _is_parallel(x.size)
+        parallel = _is_parallel(x)
         kernel = kernels.cols_normalize if x.ndim == 2 else kernels.rows_normalize
         out, pending = _output(out3)
         with _launch(parallel):
@@ -357,7 +368,7 @@ class NumbaBackend(Backend):
             ]
         ).astype(_compute_dtype(x3.dtype))
         x, dy = _input(x3), _input(dy3)
-        parallel = _is_parallel(x.size)
+        parallel = _is_parallel(x)
         kernel = kernels.cols_input_grad if x.ndim == 2 else kernels.rows_input_grad
         out, pending = _output(out3)
         with _launch(parallel):
@@ -384,7 +395,7 @@ class NumbaBackend(Backend):
         running = (running_mean, running_var) if fused else _NO_RUNNING[ct]
         count = x3.shape[0] * x3.shape[2]
         unbias = momentum * count / (count - 1) if fused else 0.0
-        parallel = _is_parallel(x.size)
+        parallel = _is_parallel(x)
         out, pending = _output(out3)
         with _launch(parallel):
             if x.ndim == 2:
@@ -419,7 +430,7 @@ class NumbaBackend(Backend):
         bias = _param(bias, 0.0, channels, ct)
         stats = np.empty((2, channels), ct)
         x = _input(x3)
-        parallel = _is_parallel(x.size)
+        parallel = _is_parallel(x)
         out, pending = _output(out3)
         with _launch(parallel):
             if x.ndim == 2:
@@ -443,7 +454,7 @@ class NumbaBackend(Backend):
         mean = _param(mean, 0.0, channels, ct)
         invstd = _param(invstd, 1.0, channels, ct)
         weight = _param(weight, 1.0, channels, ct)
-        parallel = _is_parallel(x.size)
+        parallel = _is_parallel(x)
         out, pending = _output(out3)
         with _launch(parallel):
             if x.ndim == 2:
