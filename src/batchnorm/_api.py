@@ -48,9 +48,10 @@ class _Call:
     def __init__(self, backend_name: str | None, x: Any, axis: Any) -> None:
         self.backend: Backend = select_backend(backend_name, x)  # it checked accepts(x)
         self.x_user = x
-        self.x = self.backend.as_native(x)
-        _check_float("x", self.x)
-        self.shape = shape = tuple(self.x.shape)
+        self.x = native = self.backend.as_native(x)
+        if native.dtype not in _FLOAT_DTYPE_SET:  # the common case costs one set lookup
+            _check_float("x", native)
+        self.shape = shape = tuple(native.shape)
         ndim = len(shape)
         if ndim < 2:
             raise ValueError(f"x must have at least 2 dimensions (batch and channel), got {ndim}")
@@ -65,8 +66,8 @@ class _Call:
         self.channels = int(shape[self.axis])
         self.vector_shape = (self.channels,)
         self.count = math.prod(shape) // self.channels if self.channels else 0
-        self.stat_dtype = stat_dtype_for(self.x.dtype)
-        self._plan(self.x)
+        self.stat_dtype = _FLOAT64 if native.dtype == _FLOAT64 else _FLOAT32  # stat_dtype_for
+        self._plan(native)
 
     def _plan(self, x: Any) -> None:
         """Plan the layout for x, and keep x's view geometry: dy, ``out`` and a fresh
@@ -294,7 +295,7 @@ def forward(
         raise ValueError("evaluation (training=False) requires running_mean and running_var")
     running_mean = call.vector("running_mean", running_mean)
     running_var = call.vector("running_var", running_var)
-    out_native = call.check_out(out, (call.x,))
+    out_native = None if out is None else call.check_out(out, (call.x,))
     if training and running_mean is not None and be.may_share_memory(running_mean, running_var):
         raise ValueError("running_mean and running_var must not overlap")
 
@@ -370,7 +371,7 @@ def backward(
     mean = call.vector("mean", mean, required=True)
     invstd = call.vector("invstd", invstd, required=True)
     training = _check_training(training)
-    out_native = call.check_out(out, (call.x, dy_native))
+    out_native = None if out is None else call.check_out(out, (call.x, dy_native))
 
     x3 = call.view3(call.x)
     dy3 = call.view3(dy_native)
