@@ -90,8 +90,10 @@ class Backend(ABC):
 
     def strided_view(self, array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
         """Return a view of native ``array``'s memory with the given shape and byte strides."""
-        if array.flags.c_contiguous and is_c_contiguous(shape, strides, array.itemsize):
-            return array.reshape(shape)  # same view, several times cheaper than as_strided
+        if array.flags.c_contiguous:  # then a C-order view is a reshape, 5x cheaper
+            view = array.reshape(shape)
+            if view.strides == strides or is_c_contiguous(shape, strides, array.itemsize):
+                return view
         return self.xp.lib.stride_tricks.as_strided(array, shape, strides)
 
     def may_share_memory(self, a: Any, b: Any) -> bool:
