@@ -168,8 +168,12 @@ class _Call:
             )
         return view
 
-    def user(self, native: Any) -> Any:
-        return None if native is None else self.backend.to_user(native, self.x_user)
+    def user(self, *natives: Any) -> tuple[Any, ...]:
+        """Results as the user's array type (None stays None)."""
+        backend = self.backend
+        if type(backend).to_user is Backend.to_user:  # the default: results are the user's type
+            return natives
+        return tuple(None if a is None else backend.to_user(a, self.x_user) for a in natives)
 
 
 def _nothing_to_publish() -> None:
@@ -193,6 +197,17 @@ def _check_momentum(momentum: Any) -> float:
     if not 0 <= momentum <= 1:
         raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     return float(momentum)
+
+
+def _check_scalars(training: Any, eps: Any, momentum: Any) -> tuple[bool, float, float]:
+    """``forward``'s scalars, checked in one step (the common types need no further call)."""
+    if type(training) is not bool:
+        training = _check_training(training)
+    if type(eps) is not float or not 0.0 <= eps < math.inf:
+        eps = _check_eps(eps)
+    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
+        momentum = _check_momentum(momentum)
+    return training, eps, momentum
 
 
 def _check_training(training: Any) -> bool:
@@ -280,9 +295,7 @@ def forward(
     be = call.backend
     weight = call.vector("weight", weight)
     bias = call.vector("bias", bias)
-    training = _check_training(training)
-    eps = _check_eps(eps)
-    momentum = _check_momentum(momentum)
+    training, eps, momentum = _check_scalars(training, eps, momentum)
     if training:
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together")
@@ -311,7 +324,8 @@ def forward(
             x3, running_mean, running_var, weight, bias, eps, y3, call.stat_dtype
         )
         publish()
-    return (out if out is not None else call.user(y)), call.user(mean), call.user(invstd)
+    y, mean, invstd = call.user(y, mean, invstd)
+    return (out if out is not None else y), mean, invstd
 
 
 def backward(
@@ -387,7 +401,8 @@ def backward(
     dweight = dbias = None
     if weight is not None:
         dweight, dbias = be.param_grads(*sums, invstd, weight.dtype, weight.dtype)
-    return (out if out is not None else call.user(dx)), call.user(dweight), call.user(dbias)
+    dx, dweight, dbias = call.user(dx, dweight, dbias)
+    return (out if out is not None else dx), dweight, dbias
 
 
 def batch_norm(
