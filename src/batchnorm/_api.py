@@ -66,7 +66,7 @@ class _Call:
         self.channels = int(shape[self.axis])
         self.vector_shape = (self.channels,)
         self.count = math.prod(shape) // self.channels if self.channels else 0
-        self.stat_dtype = _FLOAT64 if native.dtype == _FLOAT64 else _FLOAT32  # stat_dtype_for
+        self.stat_dtype = stat_dtype_for(native.dtype)
         self._plan(native)
 
     def _plan(self, x: Any) -> None:
