@@ -193,9 +193,10 @@ def _operands(x3: np.ndarray, out3: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return _input(x3), out, pending
 
 
-def _publish(out: np.ndarray, pending: np.ndarray) -> None:
+def _publish(out: np.ndarray, pending: np.ndarray | None) -> None:
     """Copy what a kernel wrote into ``out`` to the view :func:`_output` left pending."""
-    pending[...] = out.view(np.float16) if out.dtype == np.uint16 else out
+    if pending is not None:
+        pending[...] = out.view(np.float16) if out.dtype == np.uint16 else out
 
 
 def _tiling(x: np.ndarray) -> tuple[int, ...]:
@@ -367,8 +368,7 @@ class NumbaBackend(Backend):
         parallel = _is_parallel(x)
         kernel = kernels.cols_normalize if x.ndim == 2 else kernels.rows_normalize
         _run(kernel, parallel, x, shift, scale, offset, out, *_tiling(x), _stream(out), parallel)
-        if pending is not None:
-            _publish(out, pending)
+        _publish(out, pending)
 
     def input_grad(self, dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3):
         channels = x3.shape[1]
@@ -388,8 +388,7 @@ class NumbaBackend(Backend):
         parallel = _is_parallel(x)
         kernel = kernels.cols_input_grad if x.ndim == 2 else kernels.rows_input_grad
         _run(kernel, parallel, dy, x, coefs, out, *_tiling(x), _stream(out), parallel)
-        if pending is not None:
-            _publish(out, pending)
+        _publish(out, pending)
 
     # -- fused: one kernel call each ------------------------------------------------------------
     # Results go into arrays allocated here: a compiled function returning new arrays costs
@@ -423,10 +422,9 @@ class NumbaBackend(Backend):
                 x, weight, offset, eps, out, stats, *running, momentum, unbias,
                 config.TILE_ELEMENTS, _resident(x, arrays=1), _stream(out), parallel,
             )  # fmt: skip
-        if pending is not None:
-            _publish(out, pending)
-        if running_mean is not None and not fused:
-            self.update_running_stats(
+        _publish(out, pending)
+        if running_mean is not None and not fused:  # not NumPy float vectors: the default
+            super().update_running_stats(
                 running_mean, running_var, stats[0], stats[1], count, momentum
             )
         if ct != stat_dtype:  # never with the core's dtypes: the kernels compute in them
@@ -451,8 +449,7 @@ class NumbaBackend(Backend):
             kernel, parallel, x, running_mean, running_var, weight, bias, eps, out, stats,
             *_tiling(x), _stream(out), parallel,
         )  # fmt: skip
-        if pending is not None:
-            _publish(out, pending)
+        _publish(out, pending)
         return stats[0], stats[1]
 
     def backward_train(self, dy3, x3, mean, invstd, weight, out3):
@@ -475,6 +472,5 @@ class NumbaBackend(Backend):
                 dy, x, mean, invstd, weight, out, config.TILE_ELEMENTS,
                 _resident(x, arrays=2), _stream(out), parallel,
             )  # fmt: skip
-        if pending is not None:
-            _publish(out, pending)
+        _publish(out, pending)
         return sums

@@ -179,13 +179,6 @@ def finish_stats(mean, m2, count, eps, stats):
 
 
 @_helper
-def float64_vectors(mean, invstd, weight):
-    """The per-channel arguments of the gradient kernels as float64 (exact from float32):
-    converted here, a NumPy ``astype`` per vector would cost a microsecond of each call."""
-    return mean.astype(np.float64), invstd.astype(np.float64), weight.astype(np.float64)
-
-
-@_helper
 def update_running_stats(running_mean, running_var, batch_mean, batch_var, momentum, unbias):
     """In place: ``running = (1 - momentum) * running + momentum * batch`` (var unbiased)."""
     keep = 1.0 - momentum
@@ -935,7 +928,8 @@ def row_backward_channel(
 def rows_backward_train(dy3, x3, mean, invstd, weight, out3, tile, resident, stream, parallel):
     """Fused gradient sums and dx; returns float64 sums. ``resident`` as in the forward."""
     M, C, L = x3.shape
-    mean64, invstd64, weight64 = float64_vectors(mean, invstd, weight)
+    mean64, invstd64 = mean.astype(np.float64), invstd.astype(np.float64)
+    weight64 = weight.astype(np.float64)
     rows, chunk, chunks, tiles = row_tiling(M, L, tile)
     coefs = compute_empty((4, C), out3)
     sum_dy = np.zeros(C)
@@ -1574,7 +1568,8 @@ def cols_backward_train(
 ):
     """Fused gradient sums and dx (tiles last to first); returns float64 sums."""
     M, C = x2.shape
-    mean64, invstd64, weight64 = float64_vectors(mean, invstd, weight)
+    mean64, invstd64 = mean.astype(np.float64), invstd.astype(np.float64)
+    weight64 = weight.astype(np.float64)
     rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
     tasks = row_blocks * col_blocks
     sums_dy = np.empty((row_blocks, C))

@@ -199,17 +199,6 @@ def _check_momentum(momentum: Any) -> float:
     return float(momentum)
 
 
-def _check_scalars(training: Any, eps: Any, momentum: Any) -> tuple[bool, float, float]:
-    """``forward``'s scalars, checked in one step (the common types need no further call)."""
-    if type(training) is not bool:
-        training = _check_training(training)
-    if type(eps) is not float or not 0.0 <= eps < math.inf:
-        eps = _check_eps(eps)
-    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
-        momentum = _check_momentum(momentum)
-    return training, eps, momentum
-
-
 def _check_training(training: Any) -> bool:
     if type(training) is not bool and not isinstance(training, np.bool_):
         raise TypeError(f"training must be a bool, got {training!r}")
@@ -295,7 +284,9 @@ def forward(
     be = call.backend
     weight = call.vector("weight", weight)
     bias = call.vector("bias", bias)
-    training, eps, momentum = _check_scalars(training, eps, momentum)
+    training = _check_training(training)
+    eps = _check_eps(eps)
+    momentum = _check_momentum(momentum)
     if training:
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together")
