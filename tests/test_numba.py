@@ -80,6 +80,33 @@ def test_parallel_paths_match_reference(shape, axis, path, dtype):
         assert_close(a, e, dtype, f"{name} ({path})")
 
 
+def test_kernel_helpers_compile_once_per_argument_types():
+    """A helper the kernels' loops call with their index compiles once, whether the loop ran
+    in parallel or on the calling thread: a prange index is int64 while Numba infers types
+    and uint64 once the loop is a parfor, so loops with a signed bound (or signed and
+    unsigned indices mixed) compiled and cached a second copy of the helper, 10% of the
+    cold compile. Run every path (parallel and serial, both layouts, both fused
+    strategies), then look for signatures that differ only in int64 against uint64."""
+    from batchnorm_numba import _kernels
+
+    serial_cases = [((4, 8, 4, 4), 1), ((64, 16), 1), ((30, 3), 1), ((8, 1, 5), 1)]
+    for shape, axis in [(shape, axis) for shape, axis, _ in PARALLEL_CASES] + serial_cases:
+        x = _data(shape, np.float32, offset=3.0)
+        _train_step(x, axis, "numba")
+        bn.forward(x, axis=axis, backend="numba")  # no running statistics: their empty pair
+
+    twins = {}
+    for name, helper in vars(_kernels).items():
+        by_types = {}
+        for signature in getattr(helper, "signatures", ()):
+            key = tuple("integer" if str(t) in ("int64", "uint64") else str(t) for t in signature)
+            by_types.setdefault(key, []).append(signature)
+        found = [group for group in by_types.values() if len(group) > 1]
+        if found:
+            twins[name] = found
+    assert not twins
+
+
 def test_one_tile_runs_on_the_calling_thread():
     """A channels-last batch of one tile (64 rows of 1024 features) skips the parallel
     launch, which costs more than it saves there; one row more makes two tiles, run in

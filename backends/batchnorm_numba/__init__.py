@@ -2,7 +2,7 @@
 
 Kernels are compiled by Numba on first use, nothing at import; ``cache=True`` stores them in
 Numba's cache (``__pycache__`` beside the sources, or ``NUMBA_CACHE_DIR``) so a later
-process loads them in about a second instead of compiling (about 50 s cold for the float32
+process loads them in about a second instead of compiling (about 45 s cold for the float32
 kernels, and as long again for float16, which has kernels of its own). Two layouts of the
 core's ``(M, C, L)`` view have kernels of their own: channels-first (``L > 1``: rows of one
 channel) and channels-last (``L == 1``: vectorised across channels). Inputs whose view is
