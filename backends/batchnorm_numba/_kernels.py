@@ -634,7 +634,7 @@ def rows_channel_stats(x3, tile, parallel):
 def memory_rows(t, M, C, L, rows, chunk, chunks):
     """Tile t of the memory-order rows: ``(m0, m1, r0, r1, l0, l1)``, the rows ``r = m * C + c``
     in ``[r0, r1)`` (their m from m0 to m1 inclusive), values ``l0:l1`` of each."""
-    r0, r1, l0, l1 = row_tile(np.int64(t), M * C, L, rows, chunk, chunks)  # signed, as elsewhere
+    r0, r1, l0, l1 = row_tile(np.int64(t), M * C, L, rows, chunk, chunks)  # signed: one compile
     return r0 // C, (r1 - 1) // C, r0, r1, l0, l1
 
 
