@@ -127,8 +127,7 @@ class _Call:
         return native
 
     def check_out(self, out: Any, inputs: tuple[Any, ...]) -> Any:
-        if out is None:
-            return None
+        """The native ``out`` (callers skip this for ``out=None``), not overlapping ``inputs``."""
         native = self.like_x("out", out)
         for array in inputs:
             if self.backend.may_share_memory(native, array):
