@@ -477,6 +477,71 @@ def test_results_are_bit_identical_for_1_and_2_threads(tmp_path):
         assert one[key].tobytes() == two[key].tobytes(), f"result {key} differs"
 
 
+# -- Numba's on-disk cache across processes --------------------------------------------------
+
+_CACHE_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import batchnorm as bn
+    from batchnorm.testing import assert_close
+
+    param_dtype = np.dtype(sys.argv[1])
+    rng = np.random.default_rng(0)
+    for shape, axis in (((6, 5), -1), ((2, 3, 5), 1)):  # the cols_ and the rows_ kernels
+        x = rng.standard_normal(shape).astype(np.float32)
+        channels = shape[axis]
+        weight, bias = (rng.standard_normal(channels).astype(param_dtype) for _ in "wb")
+        running = (rng.standard_normal(channels), rng.random(channels) + 0.5)
+        running = tuple(r.astype(np.float32) for r in running)
+        args = (x, weight, bias, *running)
+        y = bn.forward(*args, training=False, axis=axis, backend="numba")[0]
+        expected = bn.forward(*args, training=False, axis=axis, backend="numpy")[0]
+        assert_close(y, expected, np.float32, f"forward-eval {{shape}}")
+    print("ok")
+""")
+
+
+def test_cached_kernels_load_in_a_new_process(tmp_path):
+    # A cache entry written by a process that compiled a kernel for new argument types while
+    # it loaded the kernel's callees from the cache must load in the next process. Evaluation
+    # once called the parallel normalize kernel from a plain compiled function; Numba's
+    # entry for float64 weights, written after a float32 run had filled the cache, crashed
+    # the next process that loaded it (a segmentation fault, exit code -11).
+    env = {"NUMBA_CACHE_DIR": str(tmp_path)}
+    for step, param_dtype in enumerate(("float32", "float64", "float64")):
+        done = _run_python(_CACHE_SCRIPT, env, param_dtype)
+        assert done.returncode == 0 and "ok" in done.stdout, (
+            f"run {step + 1} ({param_dtype} weights) ended with {done.returncode}: "
+            f"{done.stderr[-2000:]}"
+        )
+
+
+def test_no_kernel_calls_a_parallel_kernel():
+    # The static side of the test above: a compiled function that calls a parallel kernel
+    # is what Numba's cache mishandled, so the parallel loops of each operation live in its
+    # own kernel.
+    import ast
+    import inspect
+
+    from batchnorm_numba import _kernels
+
+    tree = ast.parse(inspect.getsource(_kernels))
+    functions = [node for node in tree.body if isinstance(node, ast.FunctionDef)]
+    parallel = {
+        f.name for f in functions if any(ast.unparse(d) == "_kernel" for d in f.decorator_list)
+    }
+    callers = {
+        (f.name, call.func.id)
+        for f in functions
+        for call in ast.walk(f)
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and call.func.id in parallel
+    }
+    assert not callers, f"functions calling parallel kernels: {sorted(callers)}"
+    assert {"cols_forward_eval", "rows_forward_eval", "cols_normalize"} <= parallel
+
+
 # -- fork and threads ----------------------------------------------------------------------
 
 _FORK_SCRIPT = textwrap.dedent("""

@@ -675,15 +675,30 @@ def rows_normalize(x3, shift, scale, offset, out3, tile, stream, parallel):
             memory_normalize_task(x3, t, rows, chunk, chunks, *coefficients)
 
 
-@_helper  # not a parallel kernel itself: rows_normalize's tiles run on the threads
+@_kernel
 def rows_forward_eval(
     x3, running_mean, running_var, weight, bias, eps, out3, stats, tile, stream, parallel
 ):
-    """Evaluation in one call: :func:`eval_coefficients`, then :func:`rows_normalize`."""
+    """Evaluation in one call: :func:`eval_coefficients`, then the tiles of
+    :func:`rows_normalize`.
+
+    A parallel kernel of its own, not a function that calls :func:`rows_normalize`: Numba
+    cached such a caller wrongly. When a process compiled it for new argument types while
+    loading the parallel callee from the cache, the entry it wrote crashed (segmentation
+    fault) the next process that loaded it (``test_cached_kernels_load_in_a_new_process``).
+    """
     shift, scale, offset = eval_coefficients(
         running_mean, running_var, weight, bias, eps, stats, out3
     )
-    rows_normalize(x3, shift, scale, offset, out3, tile, stream, parallel)
+    M, C, L = x3.shape
+    rows, chunk, chunks, tiles = row_tiling(M * C, L, tile)
+    coefficients = (shift, scale, offset, out3, stream)
+    if parallel:
+        for t in prange(np.uint64(tiles)):
+            memory_normalize_task(x3, t, rows, chunk, chunks, *coefficients)
+    else:
+        for t in range(np.uint64(tiles)):
+            memory_normalize_task(x3, t, rows, chunk, chunks, *coefficients)
 
 
 @_helper
@@ -1337,7 +1352,7 @@ def cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows,
             col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2, stream)
 
 
-@_helper  # not a parallel kernel itself: cols_normalize's tiles run on the threads
+@_kernel
 def cols_forward_eval(
     x2,
     running_mean,
@@ -1353,11 +1368,19 @@ def cols_forward_eval(
     stream,
     parallel,
 ):
-    """Evaluation in one call: :func:`eval_coefficients`, then :func:`cols_normalize`."""
+    """Evaluation in one call: :func:`eval_coefficients`, then the tiles of
+    :func:`cols_normalize` (a kernel of its own, as :func:`rows_forward_eval` says why)."""
     shift, scale, offset = eval_coefficients(
         running_mean, running_var, weight, bias, eps, stats, out2
     )
-    cols_normalize(x2, shift, scale, offset, out2, tile, column_block, min_rows, stream, parallel)
+    M, C = x2.shape
+    rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
+    if parallel:
+        for t in prange(np.uint64(row_blocks * col_blocks)):
+            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2, stream)
+    else:
+        for t in range(np.uint64(row_blocks * col_blocks)):
+            col_normalize_task(x2, t, rows, cols, col_blocks, shift, scale, offset, out2, stream)
 
 
 @_kernel
