@@ -303,6 +303,37 @@ def test_large_mean_small_std_float32(backend):
     np.testing.assert_allclose(y.mean(0), 0.0, atol=0.05)
 
 
+# numpy and numba normalize with the mean as accumulated (float64); the cuda and cupy
+# kernels with the returned float32 mean, which moves y by up to ``condition * eps(float32)``:
+# within batchnorm.testing's tolerance for the condition number, not within this test's.
+@pytest.mark.parametrize("name", ["numpy", "numba"])
+@pytest.mark.parametrize("axis", [1, -1], ids=["NCL", "NC"])
+def test_y_is_normalized_with_the_unrounded_mean(name, axis):
+    """float32 values near 1e4 with a spread of 1: the mean rounded to float32 is off by up
+    to 5e-4 of a standard deviation, and y must not inherit that, in training (the batch
+    mean) or in evaluation (a float64 running mean)."""
+    rng = np.random.default_rng(8)
+    shape = (32, 16, 2048) if axis == 1 else (65536, 16)  # large enough for parallel paths
+    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+    w = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    values = np.moveaxis(x, axis, -1).reshape(-1, 16).astype(np.longdouble)
+    mean = values.mean(0)
+    var = np.square(values - mean).mean(0)
+    expected = (values - mean) / np.sqrt(var + 1e-5) * w + b
+
+    y, _, _ = bn.forward(x, w, b, axis=axis, backend=name)
+    running_mean, running_var = mean.astype(np.float64), var.astype(np.float64)
+    y_eval, _, _ = bn.forward(
+        x, w, b, running_mean, running_var, training=False, axis=axis, backend=name
+    )
+    for mode, result in (("training", y), ("evaluation", y_eval)):
+        got = np.moveaxis(result, axis, -1).reshape(-1, 16)
+        error = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+        # A few float32 roundings of y's own terms (eps 1.2e-7), not 1e4 of them.
+        assert error < 8 * np.finfo(np.float32).eps, f"{mode}: {error:.2e}"
+
+
 def test_constant_channel(backend):
     x = np.ones((6, 3), np.float32) * np.array([2.5, -7.0, 0.0], np.float32)
     b = np.array([0.25, 0.5, -1.0], np.float32)

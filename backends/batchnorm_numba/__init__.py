@@ -363,7 +363,10 @@ class NumbaBackend(Backend):
         ct = _compute_dtype(x3.dtype)
         shift = _vector(mean, 0.0, channels, ct)
         scale = _scale(invstd, weight, channels, ct)
-        offset = _vector(bias, 0.0, channels, ct)
+        if mean is not None and mean.dtype != shift.dtype:  # see kernels.exact_offset
+            offset = (_vector(bias, 0.0, channels) - (mean - shift) * scale).astype(ct)
+        else:
+            offset = _vector(bias, 0.0, channels, ct)
         x, out, pending = _operands(x3, out3)
         parallel = _is_parallel(x)
         kernel = kernels.cols_normalize if x.ndim == 2 else kernels.rows_normalize
@@ -401,7 +404,7 @@ class NumbaBackend(Backend):
         channels = x3.shape[1]
         ct = _compute_dtype(x3.dtype)
         weight = _param(weight, 1.0, channels, ct)
-        offset = _vector(bias, 0.0, channels, ct)
+        bias = _param(bias, 0.0, channels, ct)
         stats = np.empty((3, channels), ct)
         # The kernels update NumPy float32/float64 running statistics too (a Python call
         # less); an empty pair updates nothing.
@@ -413,13 +416,13 @@ class NumbaBackend(Backend):
         if x.ndim == 2:
             _run(
                 kernels.cols_forward_train, parallel,
-                x, weight, offset, eps, out, stats, *running, momentum, unbias,
+                x, weight, bias, eps, out, stats, *running, momentum, unbias,
                 *_tiling(x), _prefetch(x), _stream(out), parallel,
             )  # fmt: skip
         else:
             _run(
                 kernels.rows_forward_train, parallel,
-                x, weight, offset, eps, out, stats, *running, momentum, unbias,
+                x, weight, bias, eps, out, stats, *running, momentum, unbias,
                 config.TILE_ELEMENTS, _resident(x, arrays=1), _stream(out), parallel,
             )  # fmt: skip
         _publish(out, pending)

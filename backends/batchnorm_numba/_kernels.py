@@ -160,8 +160,20 @@ def chan_merge(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
 
 
 @_helper
-def finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale):
-    """Store channel c's mean, biased var and invstd, and the normalize scale."""
+def exact_offset(bias, mean, shift, scale):
+    """The offset of ``y = (x - shift) * scale + offset`` when ``shift`` is ``mean`` rounded
+    to the compute dtype: the rounding moves into the offset, so y is normalized with the
+    float64 ``mean``. A float32 shift alone would move y by ``|mean| * invstd * eps(float32)``
+    (6e-4 for values near 1e4 with a spread of 1); ``x - shift`` stays exact."""
+    return np.float64(bias) - (np.float64(mean) - np.float64(shift)) * np.float64(scale)
+
+
+@_helper
+def finish_channel(
+    c, n, mean, m2, eps, weight64, bias, mean_out, var_out, invstd_out, scale, offset
+):  # fmt: skip
+    """Store channel c's mean, biased var and invstd, and the normalize coefficients
+    ``y = (x - mean_out[c]) * scale[c] + offset[c]`` (see :func:`exact_offset`)."""
     var = m2 / n
     if var < 0.0:  # written so that NaN propagates
         var = 0.0
@@ -169,6 +181,7 @@ def finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out,
     var_out[c] = var
     invstd_out[c] = 1.0 / np.sqrt(var + eps)
     scale[c] = np.float64(invstd_out[c]) * weight64[c]
+    offset[c] = exact_offset(bias[c], mean, mean_out[c], scale[c])
 
 
 @_helper
@@ -215,7 +228,7 @@ def eval_coefficients(running_mean, running_var, weight, bias, eps, stats, like)
         stats[1, c] = 1.0 / np.sqrt(var + eps)
         shift[c] = stats[0, c]
         scale[c] = np.float64(stats[1, c]) * np.float64(weight[c])
-        offset[c] = bias[c]
+        offset[c] = exact_offset(bias[c], running_mean[c], shift[c], scale[c])
     return shift, scale, offset
 
 
@@ -711,18 +724,21 @@ def row_forward_channel(
     tiles,
     eps,
     weight64,
-    offset,
+    bias,
     out3,
     mean_out,
     var_out,
     invstd_out,
     scale,
+    offset,
     stream,
 ):
     """Statistics, then normalize, of one channel: the second read comes from cache."""
     M, _, L = x3.shape
     n, mean, m2 = row_channel_mean_m2(x3, c, rows, chunk, chunks, tiles)
-    finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
+    finish_channel(
+        c, n, mean, m2, eps, weight64, bias, mean_out, var_out, invstd_out, scale, offset
+    )
     for j in range(tiles):
         row_tile_normalize(
             x3,
@@ -740,7 +756,7 @@ def row_forward_channel(
 
 @_kernel
 def rows_forward_train(
-    x3, weight, offset, eps, out3, stats, running_mean, running_var, momentum, unbias, tile,
+    x3, weight, bias, eps, out3, stats, running_mean, running_var, momentum, unbias, tile,
     resident, stream, parallel,
 ):  # fmt: skip
     """Fused statistics and normalize; ``stats`` (3, C) receives mean, var and invstd, and
@@ -755,6 +771,7 @@ def rows_forward_train(
     weight64 = weight.astype(np.float64)
     mean_out, var_out, invstd_out = stats[0], stats[1], stats[2]
     scale = compute_empty(C, out3)
+    offset = compute_empty(C, out3)
     if resident:
         for c in prange(np.uint64(C)):
             row_forward_channel(
@@ -766,12 +783,13 @@ def rows_forward_train(
                 tiles,
                 eps,
                 weight64,
-                offset,
+                bias,
                 out3,
                 mean_out,
                 var_out,
                 invstd_out,
                 scale,
+                offset,
                 stream,
             )
     else:
@@ -787,7 +805,9 @@ def rows_forward_train(
                 row_partial_stats(x3, t, rows, chunk, chunks, tiles, count, means, m2s)
         for c in range(C):
             n, mean, m2 = merge_partials(count, means, m2s, c * tiles, tiles)
-            finish_channel(c, n, mean, m2, eps, weight64, mean_out, var_out, invstd_out, scale)
+            finish_channel(
+                c, n, mean, m2, eps, weight64, bias, mean_out, var_out, invstd_out, scale, offset
+            )
         last = np.uint64(tasks - 1)
         if parallel:
             for t in prange(np.uint64(tasks)):
@@ -1387,7 +1407,7 @@ def cols_forward_eval(
 def cols_forward_train(
     x2,
     weight,
-    offset,
+    bias,
     eps,
     out2,
     stats,
@@ -1423,8 +1443,12 @@ def cols_forward_train(
     weight64 = weight.astype(np.float64)
     mean_out, var_out, invstd_out = stats[0], stats[1], stats[2]
     scale = compute_empty(C, out2)
+    offset = compute_empty(C, out2)
     for c in range(C):
-        finish_channel(c, M, mean[c], m2[c], eps, weight64, mean_out, var_out, invstd_out, scale)
+        finish_channel(
+            c, M, mean[c], m2[c], eps, weight64, bias, mean_out, var_out, invstd_out, scale,
+            offset,
+        )  # fmt: skip
     update_running_stats(running_mean, running_var, mean_out, var_out, momentum, unbias)
     last = np.uint64(tasks - 1)
     if parallel:

@@ -131,8 +131,9 @@ class Backend(ABC):
     def normalize(self, x3, mean, invstd, weight, bias, out3) -> None:
         """Write ``(x - mean) * (weight * invstd) + bias`` into ``out3``.
 
-        ``mean``, ``weight`` and ``bias`` may be None, meaning 0, 1 and 0. Arithmetic is done
-        in float32 at least (float64 for float64 input).
+        ``mean``, ``weight`` and ``bias`` may be None, meaning 0, 1 and 0, and may have any
+        float dtype (the composed paths pass the mean as accumulated, or the running mean
+        as given). Arithmetic is done in float32 at least (float64 for float64 input).
         """
 
     @abstractmethod
@@ -166,7 +167,10 @@ class Backend(ABC):
         count = x3.shape[0] * x3.shape[2]
         mean_acc, m2 = self.channel_stats(x3)
         mean, var, invstd = self.finish_stats(mean_acc, m2, count, eps, stat_dtype)
-        self.normalize(x3, mean, invstd, weight, bias, out3)
+        # Normalize with the mean as accumulated, not as returned: rounded to float32, it
+        # would move y by |mean| * invstd * eps(float32) (6e-4 for values near 1e4 with a
+        # spread of 1).
+        self.normalize(x3, mean_acc, invstd, weight, bias, out3)
         if running_mean is not None:
             self.update_running_stats(running_mean, running_var, mean, var, count, momentum)
         return mean, var, invstd
@@ -180,7 +184,7 @@ class Backend(ABC):
         ``1 / sqrt(running_var + eps)``.
         """
         mean, _, invstd = self.finish_stats(running_mean, running_var, 1, eps, stat_dtype)
-        self.normalize(x3, mean, invstd, weight, bias, out3)
+        self.normalize(x3, running_mean, invstd, weight, bias, out3)  # as given, not rounded
         return mean, invstd
 
     def backward_train(self, dy3, x3, mean, invstd, weight, out3) -> tuple[Any, Any]:

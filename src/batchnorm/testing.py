@@ -22,9 +22,9 @@ TOLERANCES: dict[np.dtype, dict[str, float]] = {
 #: on the batch statistics loses about ``condition * eps``, in two places. The float64
 #: accumulation: the sum of the values is rounded at ``eps * |mean|`` (the numba backend's
 #: tile means were off by up to 3.6 ``condition * eps(float64)`` on the random inputs of
-#: tests/test_random_inputs.py, the reference's by 0.4). And the mean returned, and used to
-#: normalize, in float32 for float16 and float32 input: two correct backends may round it to
-#: neighbouring float32 values, which moves y by ``condition * eps(float32)``.
+#: tests/test_random_inputs.py, the reference's by 0.4). And the mean y is normalized with,
+#: for float16 and float32 input: the float64 one (numpy, numba) or the float32 one returned
+#: (cuda, cupy, PyTorch), which moves y by up to ``condition * eps(float32)``.
 #: :func:`tolerance` widens each tolerance to
 #: ``condition * (CONDITION_SLACK * eps(float64) + 2 * eps(dtype of mean))`` where that is
 #: larger.
