@@ -5,9 +5,11 @@ call draws all of them at once: shape (2-D to 4-D, one axis sometimes long, so l
 take the parallel and periodic channels-last paths), channel axis, memory layout (compact,
 strided, transposed, reversed), dtype of x and of the per-channel arrays (float64 weights
 with float32 data included), affine or not, running statistics or not, training or
-evaluation, momentum, and the data's location and spread, up to a mean 1e6 times its
-standard deviation. This is how a segmentation fault that appeared only for float64 weights
-with float32 data was found; these cases are now fixed, drawn from seeded generators.
+evaluation, momentum, ``out=`` buffers (none, compact, or every other element of a bigger
+array, whose gaps must stay untouched), and the data's location and spread, up to a mean
+1e6 times its standard deviation. The backward call follows in the same mode. A script
+doing this found a segmentation fault that appeared only for float64 weights with float32
+data; here the cases are fixed, drawn from seeded generators.
 
 Tolerances are batchnorm.testing's, widened by the conditioning of each input: see
 :func:`batchnorm.testing.tolerance`.
@@ -81,10 +83,40 @@ def random_call(rng, max_values):
         "momentum": float(rng.choice([0.1, 0.5, 1.0])),
         "eps": float(rng.choice([1e-5, 1e-3])),
         "axis": axis,
+        "out": [str(rng.choice(["none", "compact", "strided"])) for _ in range(2)],
+        "out_axis": int(rng.integers(ndim)),
     }
 
 
-def _forward(backend, call, to_backend, to_host):
+def _out_buffer(put, call, kind):
+    """``(out, base, index)``: no buffer, a compact one, or every other element of a bigger
+    one along ``out_axis`` (basic slicing only, which every array type takes), NaN-filled.
+    """
+    x = call["x"]
+    if kind == "none":
+        return None, None, None
+    if kind == "compact":
+        return put(np.full(x.shape, np.nan, x.dtype)), None, None
+    big = list(x.shape)
+    big[call["out_axis"]] *= 2
+    base = put(np.full(big, np.nan, x.dtype))
+    index = [slice(None)] * x.ndim
+    index[call["out_axis"]] = slice(None, None, 2)
+    return base[tuple(index)], base, tuple(index)
+
+
+def _check_out(result, out, base, index, get, what):
+    """``result`` is ``out`` when one was given, and only the view's elements changed."""
+    if out is None:
+        return
+    assert result is out, f"{what}: the result is not the out= array"
+    if base is not None:
+        gaps = np.ones(get(base).shape, bool)
+        gaps[index] = False
+        assert np.isnan(get(base)[gaps]).all(), f"{what}: out= wrote outside its view"
+
+
+def _forward(backend, call, to_backend, to_host, out=None):
     running = [to_backend(call[k]) for k in ("running_mean", "running_var")]
     outputs = bn.forward(
         to_backend(call["x"]),
@@ -96,8 +128,9 @@ def _forward(backend, call, to_backend, to_host):
         eps=call["eps"],
         axis=call["axis"],
         backend=backend,
+        out=out,
     )
-    return [to_host(a) for a in (*outputs, *running)]
+    return outputs[0], [to_host(a) for a in (*outputs, *running)]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -113,8 +146,10 @@ def test_random_calls_match_the_reference(backend, seed):
             f"seed {seed}, call {number}: x {x.shape} {dtype} strides {x.strides}, "
             f"axis {call['axis']}, training {call['training']}"
         )
-        want = _forward("numpy", call, lambda a: None if a is None else a.copy(), lambda a: a)
-        got = _forward(backend.name, call, backend.put, backend.get)
+        _, want = _forward("numpy", call, lambda a: None if a is None else a.copy(), lambda a: a)
+        out, base, index = _out_buffer(backend.put, call, call["out"][0])
+        y, got = _forward(backend.name, call, backend.put, backend.get, out)
+        _check_out(y, out, base, index, backend.get, f"y ({where})")
         mean, invstd = want[1], want[2]
         # Training results inherit the conditioning of each channel's statistics; in
         # evaluation the running statistics are given, and the plain tolerance applies.
@@ -126,16 +161,16 @@ def test_random_calls_match_the_reference(backend, seed):
                 continue
             assert g.shape == w.shape and g.dtype == w.dtype, f"{name}: {where}"
             assert_close(g, w, dtype, f"{name} ({where})", condition=condition)
-        if not call["training"]:
-            continue
-        want = bn.backward(
-            call["dy"], x, call["weight"], mean, invstd, axis=call["axis"], backend="numpy"
-        )
+        mode = {"training": call["training"], "axis": call["axis"]}
+        want = bn.backward(call["dy"], x, call["weight"], mean, invstd, **mode, backend="numpy")
+        out, base, index = _out_buffer(backend.put, call, call["out"][1])
         got = bn.backward(
             *map(backend.put, (call["dy"], x, call["weight"], mean, invstd)),
-            axis=call["axis"],
+            **mode,
             backend=backend.name,
+            out=out,
         )
+        _check_out(got[0], out, base, index, backend.get, f"dx ({where})")
         for name, g, w in zip(("dx", "dweight", "dbias"), got, want):
             if w is None:
                 assert g is None, f"{name}: {where}"
