@@ -334,6 +334,38 @@ def test_y_is_normalized_with_the_unrounded_mean(name, axis):
         assert error < 8 * np.finfo(np.float32).eps, f"{mode}: {error:.2e}"
 
 
+def test_non_finite_values_propagate_as_in_the_reference(backend):
+    """+inf in one channel and NaN in another (training), infinite and huge running means
+    (evaluation, float64 running statistics with float32 data): inf and NaN come out where
+    the reference has them, and the finite values match it."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((64, 4)).astype(np.float32)
+    x[5, 0], x[7, 1] = np.inf, np.nan
+    running_mean, running_var = np.array([np.inf, 0.0, 1e30, -np.inf]), np.ones(4)
+    for training in (True, False):
+        running = () if training else (running_mean, running_var)
+        with np.errstate(invalid="ignore"):  # inf - inf in NumPy (the reference) warns
+            want = bn.forward(x, None, None, *running, training=training, backend="numpy")
+            got = bn.forward(
+                backend.put(x),
+                None,
+                None,
+                *map(backend.put, running),
+                training=training,
+                backend=backend.name,
+            )
+        for name, g, w in zip(("y", "mean", "invstd"), got, want):
+            g, what = backend.get(g), f"{name}, training={training}"
+            if name == "mean":  # Welford's and Chan's updates (cuda, cupy) meet inf - inf
+                infinite = np.isinf(w)
+                assert np.all((g[infinite] == w[infinite]) | np.isnan(g[infinite])), what
+                g, w = g[~infinite], w[~infinite]
+            for kind in (np.isnan, np.isposinf, np.isneginf):
+                np.testing.assert_array_equal(kind(g), kind(w), f"{what}: {kind.__name__}")
+            finite = np.isfinite(w)
+            assert_close(g[finite], w[finite], np.float32, what)
+
+
 def test_constant_channel(backend):
     x = np.ones((6, 3), np.float32) * np.array([2.5, -7.0, 0.0], np.float32)
     b = np.array([0.25, 0.5, -1.0], np.float32)

@@ -39,8 +39,10 @@ class NumpyBackend(Backend):
         sum_dev = deviation.sum(axis=_REDUCE)
         m2 = np.square(deviation).sum(axis=_REDUCE)
         with np.errstate(invalid="ignore", divide="ignore"):  # n == 0: NaN mean, as before
+            # An infinite first mean is the mean (its deviations are inf - inf = NaN).
+            mean = np.where(np.isfinite(first), first + sum_dev / n, first)
             # >= 0 mathematically; rounding could take a constant channel below 0.
-            return first + sum_dev / n, np.maximum(m2 - sum_dev * sum_dev / n, 0.0)
+            return mean, np.maximum(m2 - sum_dev * sum_dev / n, 0.0)
 
     def grad_sums(self, dy3, x3, mean):
         dy = dy3.astype(np.float64)
