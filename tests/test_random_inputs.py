@@ -1,15 +1,21 @@
 """Randomised comparison with the reference: many calls, each with its own random inputs.
 
 The conformance suite (test_conformance.py) takes its cases one feature at a time. Here every
-call draws all of them at once: shape (2-D to 4-D, one axis sometimes long, so larger calls
-take the parallel and periodic channels-last paths), channel axis, memory layout (compact,
-strided, transposed, reversed), dtype of x and of the per-channel arrays (float64 weights
-with float32 data included), affine or not, running statistics or not, training or
-evaluation, momentum, ``out=`` buffers (none, compact, or every other element of a bigger
-array, whose gaps must stay untouched), and the data's location and spread, up to a mean
-1e6 times its standard deviation. The backward call follows in the same mode. A script
-doing this found a segmentation fault that appeared only for float64 weights with float32
-data; here the cases are fixed, drawn from seeded generators.
+call draws all of them at once:
+
+* shape (2-D to 4-D; one axis sometimes long, so larger calls take the parallel and
+  periodic channels-last paths) and channel axis;
+* memory layout of x and dy (compact, strided, transposed, reversed);
+* dtype of x and of the per-channel arrays (float16, float32 or float64 each: float64
+  weights with float32 data included);
+* affine or not, running statistics or not, training or evaluation, momentum, eps;
+* ``out=`` buffers: none, compact, or every other element of a bigger array, whose gaps
+  must stay untouched;
+* the data's location and spread, up to a mean 1e6 times its standard deviation.
+
+The backward call follows in the same mode. A script doing this found a segmentation fault
+that appeared only for float64 weights with float32 data; here the cases are fixed, drawn
+from seeded generators.
 
 Tolerances are batchnorm.testing's, widened by the conditioning of each input: see
 :func:`batchnorm.testing.tolerance`.
@@ -63,7 +69,7 @@ def random_call(rng, max_values):
     if np.prod(shape) // channels < 2:  # training needs two values per channel
         shape[(axis + 1) % ndim] = 2
     dtype = np.dtype(rng.choice(["float16", "float32", "float64"]))
-    vector_dtype = np.dtype(rng.choice(["float32", "float64"]))
+    vector_dtype = np.dtype(rng.choice(["float16", "float32", "float64"]))
     location = float(rng.choice([0.0, 3.0, 1e4]))
     spread = float(rng.choice([1e-2, 1.0, 1e3]))
     if dtype == np.float16:  # keep values in float16's range
@@ -116,6 +122,12 @@ def _check_out(result, out, base, index, get, what):
         assert np.isnan(get(base)[gaps]).all(), f"{what}: out= wrote outside its view"
 
 
+def _coarser(dtype, other):
+    """The dtype with the larger tolerance: an output rounded to float16 (float16 running
+    statistics or weights) agrees to float16's tolerance at best."""
+    return max(np.dtype(dtype), np.dtype(other), key=lambda d: np.finfo(d).eps)
+
+
 def _forward(backend, call, to_backend, to_host, out=None):
     running = [to_backend(call[k]) for k in ("running_mean", "running_var")]
     outputs = bn.forward(
@@ -133,6 +145,9 @@ def _forward(backend, call, to_backend, to_host, out=None):
     return outputs[0], [to_host(a) for a in (*outputs, *running)]
 
 
+# float16 running statistics and weights overflow (to inf, in every backend) for a spread
+# of 1e3; NumPy warns as it casts.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_calls_match_the_reference(backend, seed):
     rng = np.random.default_rng(seed)
@@ -160,7 +175,7 @@ def test_random_calls_match_the_reference(backend, seed):
                 assert g is None, f"{name}: {where}"
                 continue
             assert g.shape == w.shape and g.dtype == w.dtype, f"{name}: {where}"
-            assert_close(g, w, dtype, f"{name} ({where})", condition=condition)
+            assert_close(g, w, _coarser(dtype, w.dtype), f"{name} ({where})", condition=condition)
         mode = {"training": call["training"], "axis": call["axis"]}
         want = bn.backward(call["dy"], x, call["weight"], mean, invstd, **mode, backend="numpy")
         out, base, index = _out_buffer(backend.put, call, call["out"][1])
@@ -177,4 +192,4 @@ def test_random_calls_match_the_reference(backend, seed):
                 continue
             g = backend.get(g)
             assert g.shape == w.shape and g.dtype == w.dtype, f"{name}: {where}"
-            assert_close(g, w, dtype, f"{name} ({where})", condition=condition)
+            assert_close(g, w, _coarser(dtype, w.dtype), f"{name} ({where})", condition=condition)

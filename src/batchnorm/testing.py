@@ -95,7 +95,8 @@ def max_error(actual, expected, dtype, condition: float = 1.0) -> float:
 
     The error of each element is ``|a - e| / (atol + rtol * |e|)``, the quantity
     :func:`numpy.testing.assert_allclose` compares with 1, with the tolerance of
-    :func:`tolerance` for ``dtype`` and ``condition``. NaN matches NaN.
+    :func:`tolerance` for ``dtype`` and ``condition``. NaN matches NaN, and an infinity
+    the same infinity.
 
     Examples
     --------
@@ -111,9 +112,10 @@ def max_error(actual, expected, dtype, condition: float = 1.0) -> float:
         raise ValueError(f"shapes differ: {actual.shape} vs {expected.shape}")
     if actual.size == 0:
         return 0.0
-    both_nan = np.isnan(actual) & np.isnan(expected)
-    err = np.abs(actual - expected) / (tol["atol"] + tol["rtol"] * np.abs(expected))
-    err = np.where(both_nan, 0.0, err)
+    same = (actual == expected) | (np.isnan(actual) & np.isnan(expected))  # inf, NaN
+    with np.errstate(invalid="ignore"):  # inf - inf, where same already holds
+        err = np.abs(actual - expected) / (tol["atol"] + tol["rtol"] * np.abs(expected))
+    err = np.where(same, 0.0, err)
     return float(np.nan_to_num(err, nan=np.inf).max())
 
 
