@@ -34,7 +34,7 @@ class NumpyBackend(Backend):
         x = x3.astype(np.float64)
         first = x.mean(axis=_REDUCE)
         deviation = x - _per_channel(first)
-        n = x.size // x.shape[1] if x.shape[1] else 0
+        n = x.shape[0] * x.shape[2]  # values per channel
         sum_dev = deviation.sum(axis=_REDUCE)
         m2 = np.square(deviation).sum(axis=_REDUCE)
         with np.errstate(invalid="ignore", divide="ignore"):  # n == 0: NaN mean, as before
