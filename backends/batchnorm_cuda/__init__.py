@@ -212,10 +212,12 @@ class CudaBackend(Backend):
         momentum=0.0,
     ):  # fmt: skip
         # Three launches: partial statistics, their merge with the finishing step, normalize
-        # (and a fourth for the running statistics).
+        # (and a fourth for the running statistics). Normalize takes the float64 mean, not
+        # the returned one (see _kernels.affine).
         acc = _acc_dtype(x3.dtype)
         parts = self._reduce("stats", x3, (np.int64, acc, acc), x3)
         channels = x3.shape[1]
+        mean64 = self.empty((channels,), np.float64, x3)
         mean, var, invstd = (self.empty((channels,), stat_dtype, x3) for _ in range(3))
         self._per_channel(
             self._channel_kernels().merge_and_finish_stats,
@@ -225,11 +227,12 @@ class CudaBackend(Backend):
             *parts,
             float(x3.shape[0] * x3.shape[2]),
             float(eps),
+            mean64,
             mean,
             var,
             invstd,
         )
-        self.normalize(x3, mean, invstd, weight, bias, out3)
+        self.normalize(x3, mean64, invstd, weight, bias, out3)
         if running_mean is not None:
             self.update_running_stats(
                 running_mean, running_var, mean, var, x3.shape[0] * x3.shape[2], momentum

@@ -47,6 +47,8 @@ def signatures() -> list[tuple[str, str, tuple]]:
                 (f"stats_{layout}", name, (x3, part_n, part, part)),
                 (f"grad_sums_{layout}", name, (x3, x3, stat_vec, part, part)),
                 (f"normalize_{layout}", name, (x3, stat_vec, stat_vec, vec, vec, b, b, b, x3)),
+                # forward_train normalizes with the float64 mean (see _kernels.affine)
+                (f"normalize_{layout}", name, (x3, vec64, stat_vec, vec, vec, b, b, b, x3)),
                 (
                     f"input_grad_{layout}",
                     name,
@@ -63,7 +65,7 @@ def signatures() -> list[tuple[str, str, tuple]]:
             (
                 "merge_and_finish_stats",
                 name,
-                (x3, part_n, part, part, f64, f64, stat_vec, stat_vec, stat_vec),
+                (x3, part_n, part, part, f64, f64, vec64, stat_vec, stat_vec, stat_vec),
             ),
         ]
     for name in ("float32", "float64"):

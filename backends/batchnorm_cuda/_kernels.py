@@ -195,12 +195,24 @@ def reduction_kernels(acc, threads: int) -> SimpleNamespace:
 
     # Elementwise passes. ``has_*`` flags stand for None parameters (the caller passes
     # ``invstd`` in their place, never read), so one compiled kernel serves every case.
+    #
+    # y = (x - center) * scale + shift, with center the mean rounded to ``acc``: a float64
+    # mean (the batch mean as merged, a float64 running mean) has its rounding moved into
+    # shift, so y is normalized with the float64 mean and ``x - center`` stays exact. A
+    # float32 center alone would move y by ``|mean| * invstd * eps(float32)`` (6e-4 for values
+    # near 1e4 with a spread of 1). No correction where there is no rounding, the mean is
+    # infinite (inf - inf), or beyond acc's range (center is inf: y is then -inf or inf, as
+    # (x - mean) * scale rounded would be); as the numba backend's ``exact_offset``.
     @cuda.jit(device=True)
     def affine(c, mean, invstd, weight, bias, has_mean, has_weight, has_bias):
         center = acc(mean[c]) if has_mean else acc(0)
         scale = acc(invstd[c]) * acc(weight[c]) if has_weight else acc(invstd[c])
-        shift = acc(bias[c]) if has_bias else acc(0)
-        return center, scale, shift
+        offset = float64(bias[c]) if has_bias else float64(0)
+        if has_mean:
+            rounding = float64(mean[c]) - float64(center)
+            if rounding != 0 and math.isfinite(center):
+                offset -= rounding * float64(scale)
+        return center, scale, acc(offset)
 
     @cuda.jit
     def normalize_channels_first(
@@ -325,15 +337,17 @@ def channel_kernels() -> SimpleNamespace:
         if c < mean_out.shape[0]:
             mean_out[c], m2_out[c] = merged_stats(x, part_n, part_mean, part_m2, c)
 
-    # merge_stat_partials and finish_stats in one launch, for forward_train
+    # merge_stat_partials and finish_stats in one launch, for forward_train; the float64 mean
+    # goes to normalize too (see affine)
     @cuda.jit
     def merge_and_finish_stats(
-        x, part_n, part_mean, part_m2, count, eps, mean_out, var_out, invstd_out
+        x, part_n, part_mean, part_m2, count, eps, mean64_out, mean_out, var_out, invstd_out
     ):
         c = cuda.grid(1)
         if c < mean_out.shape[0]:
             mean, m2 = merged_stats(x, part_n, part_mean, part_m2, c)
             var = max(m2 / count, 0.0)
+            mean64_out[c] = mean
             mean_out[c] = mean
             var_out[c] = var
             invstd_out[c] = 1.0 / math.sqrt(var + eps)

@@ -155,7 +155,7 @@ class CupyBackend(Backend):
     # -- phase 1: per-channel reductions -----------------------------------------------------
     def channel_stats(self, x3):
         with self._device(x3):
-            mean, m2, _, _ = self._stats(x3, eps=None)
+            mean, m2, _, _, _ = self._stats(x3, eps=None)
         return mean, m2
 
     def grad_sums(self, dy3, x3, mean):
@@ -248,8 +248,10 @@ class CupyBackend(Backend):
         """Statistics with var and invstd from the finishing kernel, then one normalize pass
         (and the running statistics' kernel)."""
         with self._device(x3):
-            mean, _, var, invstd = self._stats(x3, eps=eps)
-            self.normalize(x3, mean, invstd, weight, bias, out3)
+            mean, _, var, invstd, coefficients = self._stats(x3, eps=eps, affine=(weight, bias))
+            if coefficients is not None:
+                shift, scale, offset = coefficients  # see channel_stats_finish
+                self.normalize(x3, shift, scale, None, offset, out3)
             if running_mean is not None:
                 self.update_running_stats(
                     running_mean, running_var, mean, var, x3.shape[0] * x3.shape[2], momentum
@@ -348,8 +350,11 @@ class CupyBackend(Backend):
         return dweight, dbias
 
     # -- helpers (overridden by the CPU tests, which emulate the kernels) ------------------------
-    def _stats(self, x3, eps: float | None):
-        """``(mean, m2, None, None)`` without ``eps``, ``(mean, None, var, invstd)`` with it."""
+    def _stats(self, x3, eps: float | None, affine: tuple | None = None):
+        """``(mean, m2, None, None, None)`` without ``eps``; with it ``(mean, None, var,
+        invstd, coefficients)``, where for ``affine=(weight, bias)`` the coefficients are
+        normalize's ``(shift, scale, offset)`` (see ``channel_stats_finish``), else None (and
+        None for an input without channels)."""
         xp = self.xp
         outer, channels, inner = x3.shape
         acc = accumulation_dtype(x3.dtype)
@@ -359,7 +364,7 @@ class CupyBackend(Backend):
             (None, None) if eps is None else (xp.empty(channels, acc), xp.empty(channels, acc))
         )
         if channels == 0:
-            return mean, m2, var, invstd
+            return mean, m2, var, invstd, None
         launch = self._plan(x3)
         shift = xp.empty(channels, acc)  # x[0, c, 0]: the partials are of x - shift
         partial_mean = xp.empty((launch.splits, channels), acc)
@@ -371,6 +376,8 @@ class CupyBackend(Backend):
             launch.block,
             (*_view_args(x3), *_geometry_args(x3.shape, launch), shift, partial_mean, partial_m2),
         )
+        weight, bias = affine if affine is not None else (None, None)
+        scale, offset = (xp.empty(channels, acc) for _ in range(2)) if affine else (None, None)
         self._run(
             "channel_stats_finish",
             x3.dtype,
@@ -385,13 +392,18 @@ class CupyBackend(Backend):
                 np.int64(outer * inner),
                 np.int64(launch.chunk),
                 np.float64(0.0 if eps is None else eps),
+                *_any_vector(weight),
+                *_any_vector(bias),
                 mean,
                 m2,
                 var,
                 invstd,
+                scale,
+                offset,
             ),
         )
-        return mean, m2, var, invstd
+        coefficients = (shift, scale, offset) if affine is not None else None
+        return mean, m2, var, invstd, coefficients
 
     def _plan(self, x3) -> _launch.Launch:
         strides3 = element_strides(x3.strides, x3.itemsize)

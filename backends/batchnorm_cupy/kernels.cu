@@ -268,27 +268,47 @@ channel_stats_partial(const T* __restrict__ x, long long x_outer_stride,
 
 // Merges the [splits, C] partials (of values minus shift) in split order. Writes mean, and
 // each of m2, the biased variance and invstd = 1 / sqrt(var + eps) whose pointer is not null.
+// With scale and offset (forward-train, which passes var and invstd too) it also writes
+// normalize's coefficients for y = (x - shift) * scale + offset: scale = weight * invstd (in A)
+// and offset = bias - (mean - shift) * scale, taken in double from the mean of the shifted
+// values, which is of the order of the spread. y normalized with the mean rounded to A instead
+// would be off by |mean| * invstd * eps(A): 6e-4 for float values near 1e4 with a spread of 1.
+// weight and bias are vectors of any float dtype (null: 1 and 0).
 template <typename A>
 __global__ void channel_stats_finish(const A* __restrict__ shift,
                                      const A* __restrict__ partial_mean,
                                      const A* __restrict__ partial_m2, int splits, int channels,
                                      long long plane, long long chunk, double eps,
+                                     const void* __restrict__ weight, int weight_itemsize,
+                                     long long weight_stride, const void* __restrict__ bias,
+                                     int bias_itemsize, long long bias_stride,
                                      A* __restrict__ mean, A* __restrict__ m2, A* __restrict__ var,
-                                     A* __restrict__ invstd) {
+                                     A* __restrict__ invstd, A* __restrict__ scale,
+                                     A* __restrict__ offset) {
     for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < channels;
          c += (long long)gridDim.x * blockDim.x) {
         MeanM2<A> total = {0, 0, 0};
         for (int s = 0; s < splits; ++s) {
             const long long count = max(0LL, min(chunk, plane - s * chunk));
             total.merge({A(count), partial_mean[s * (long long)channels + c],
-                          partial_m2[s * (long long)channels + c]});
+                         partial_m2[s * (long long)channels + c]});
         }
         mean[c] = plane > 0 ? shift[c] + total.mean : total.mean;
         if (m2 != nullptr) m2[c] = total.m2;
         A biased = total.m2 / A(plane);
         biased = biased < 0 ? A(0) : biased;  // a NaN stays NaN
         if (var != nullptr) var[c] = biased;
-        if (invstd != nullptr) invstd[c] = A(1) / sqrt(biased + A(eps));
+        const A inv = A(1) / sqrt(biased + A(eps));
+        if (invstd != nullptr) invstd[c] = inv;
+        if (scale != nullptr && offset != nullptr) {
+            const A s =
+                weight != nullptr ? load_any<A>(weight, weight_itemsize, weight_stride, c) * inv
+                                  : inv;
+            const double b =
+                bias != nullptr ? load_any<double>(bias, bias_itemsize, bias_stride, c) : 0.0;
+            scale[c] = s;
+            offset[c] = A(b - double(total.mean) * double(s));
+        }
     }
 }
 
@@ -357,7 +377,11 @@ __global__ void grad_sums_finish(const A* __restrict__ partial_dy,
 // Evaluation from running statistics (Backend.forward_eval's finish_stats with count 1): mean, a
 // copy of running_mean in A, and invstd = 1 / sqrt(max(running_var, 0) + eps), computed in the
 // wider of A and running_var's dtype and then rounded to A. Also normalize's coefficients in A:
-// scale = weight * invstd and shift = bias (weight and bias may be null: 1 and 0).
+// scale = weight * invstd and shift = bias (weight and bias may be null: 1 and 0), for
+// y = (x - mean) * scale + shift. A running mean wider than A (double for float data) has its
+// rounding moved into shift, taken in double, so that y is normalized with the running mean as
+// given; not where the mean is infinite (inf - inf) or beyond A's range (mean[c] is inf: y is
+// then -inf or inf, as (x - running_mean) * scale rounded would be).
 template <typename A>
 __global__ void eval_stats(const void* __restrict__ running_mean, int running_mean_itemsize,
                            long long running_mean_stride, const void* __restrict__ running_var,
@@ -379,9 +403,18 @@ __global__ void eval_stats(const void* __restrict__ running_mean, int running_me
                       load_any<float>(running_var, running_var_itemsize, running_var_stride, c),
                       eps));
         invstd[c] = inv;
-        scale[c] =
+        const A s =
             weight != nullptr ? load_any<A>(weight, weight_itemsize, weight_stride, c) * inv : inv;
+        scale[c] = s;
         shift[c] = bias != nullptr ? load_any<A>(bias, bias_itemsize, bias_stride, c) : A(0);
+        const double rounding =
+            load_any<double>(running_mean, running_mean_itemsize, running_mean_stride, c) -
+            double(mean[c]);
+        if (rounding != 0 && isfinite(mean[c])) {
+            const double b =
+                bias != nullptr ? load_any<double>(bias, bias_itemsize, bias_stride, c) : 0.0;
+            shift[c] = A(b - rounding * double(s));
+        }
     }
 }
 

@@ -364,7 +364,8 @@ class NumbaBackend(Backend):
         shift = _vector(mean, 0.0, channels, ct)
         scale = _scale(invstd, weight, channels, ct)
         if mean is not None and mean.dtype != shift.dtype:  # see kernels.exact_offset
-            rounding = np.subtract(mean, shift, out=np.zeros(channels), where=mean != shift)
+            rounded = (mean != shift) & np.isfinite(shift)
+            rounding = np.subtract(mean, shift, out=np.zeros(channels), where=rounded)
             offset = (_vector(bias, 0.0, channels) - rounding * scale).astype(ct)
         else:
             offset = _vector(bias, 0.0, channels, ct)

@@ -165,8 +165,10 @@ def exact_offset(bias, mean, shift, scale):
     to the compute dtype: the rounding moves into the offset, so y is normalized with the
     float64 ``mean``. A float32 shift alone would move y by ``|mean| * invstd * eps(float32)``
     (6e-4 for values near 1e4 with a spread of 1); ``x - shift`` stays exact. No rounding,
-    no correction: an infinite mean (inf - inf) leaves the bias as it is."""
-    if np.float64(mean) == np.float64(shift):
+    no correction: an infinite mean (inf - inf) leaves the bias as it is, and so does a
+    finite mean beyond the compute dtype's range (a float64 1e300 for float32 data: ``shift``
+    is inf), so that y is -inf or inf, as ``(x - mean) * scale`` rounded would be."""
+    if np.float64(mean) == np.float64(shift) or not np.isfinite(shift):
         return np.float64(bias)
     return np.float64(bias) - (np.float64(mean) - np.float64(shift)) * np.float64(scale)
 

@@ -23,9 +23,10 @@ TOLERANCES: dict[np.dtype, dict[str, float]] = {
 #: accumulation: the sum of the values is rounded at ``eps * |mean|``, and more for longer
 #: sums (on the random inputs of tests/test_random_inputs.py the numba backend's means were
 #: off by up to 14 ``eps * mean(|x|)``, about ``0.15 * sqrt(n)`` for n values per channel;
-#: the reference's, a corrected two-pass, by 1.1). And the mean y is normalized with, for
-#: float16 and float32 input: the float64 one (numpy, numba) or the float32 one returned
-#: (cuda, cupy, PyTorch), which moves y by up to ``condition * eps(float32)``.
+#: the reference's, a corrected two-pass, by 1.1). And, for float16 and float32 input, the
+#: float32 mean returned: dx is computed from it (in every backend), and so is y in PyTorch,
+#: which moves them by up to ``condition * eps(float32)`` (the backends normalize y with the
+#: unrounded mean, see the docs' Numerics page).
 #: :func:`tolerance` widens each tolerance to
 #: ``condition * (CONDITION_SLACK * eps(float64) + 2 * eps(dtype of mean))`` where that is
 #: larger: a CONDITION_SLACK of 128 covers ``0.15 * sqrt(n)`` up to n = 700,000.
