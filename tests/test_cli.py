@@ -45,6 +45,7 @@ def faulty_registered(monkeypatch):
     registry.names()
     monkeypatch.setitem(registry._entry_points, "faulty", None)
     monkeypatch.setitem(registry._loaded, "faulty", (FaultyBackend(), None))
+    monkeypatch.setattr(registry, "plans", {})
 
 
 def test_check_fails_on_a_wrong_backend(faulty_registered, capsys):

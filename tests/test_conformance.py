@@ -555,3 +555,106 @@ def test_overlapping_buffers_are_rejected(backend):
         bn.forward(x, running_mean=stats, running_var=stats, backend=backend.name)
     np.testing.assert_array_equal(backend.get(stats), np.ones(3))
     np.testing.assert_array_equal(backend.get(x), np.arange(12.0).reshape(4, 3))
+
+
+# -- plans: a signature's second call runs what its first call planned ------------------------
+# (batchnorm._api: the checks and the backend's choices are made once per signature of
+# types, dtypes, shapes and strides; later calls run the plan with their own arrays.)
+PLAN_LAYOUTS = {
+    "nchw": lambda a: a,
+    "nhwc": lambda a: np.moveaxis(np.moveaxis(a, 1, -1).copy(), -1, 1),
+    "strided": lambda a: np.repeat(a, 2, axis=-1)[..., ::2],  # viewed with a gap
+    "copied": lambda a: np.repeat(a, 2, axis=0)[::2][:, :, ::-1],  # needs a compact copy
+}
+
+
+def _plan_out(backend, kind, shape):
+    """``out`` of a kind: none, compact, or every other element of a wider array (written
+    through a scratch array, as it cannot be viewed when the layout needs a copy)."""
+    if kind == "none":
+        return None
+    if kind == "compact":
+        return backend.put(np.full(shape, np.nan, np.float32))
+    wide = backend.put(np.full((*shape[:-1], 2 * shape[-1]), np.nan, np.float32))
+    return wide[:, :, ::2]
+
+
+@pytest.mark.parametrize("layout", PLAN_LAYOUTS)
+@pytest.mark.parametrize("out_kind", ["none", "compact", "strided"])
+def test_planned_calls_use_their_own_arrays(backend, layout, out_kind):
+    """Three calls with one signature and different arrays (data, parameters, running
+    statistics, ``out``) each match the reference: the plan the first call made keeps
+    nothing of its arrays. Views, inputs copied once, ``out`` viewed or written through a
+    scratch array; training and evaluation, forward and backward."""
+    shape = (4, 3, 6) if backend.simulated else (16, 3, 40)
+    make = PLAN_LAYOUTS[layout]
+    for seed in range(3):
+        inp = make_inputs(shape, 1, np.float32, seed=seed)
+        inp["x"], inp["dy"] = make(inp["x"]), make(inp["dy"])
+        x, dy, w = backend.put(inp["x"]), backend.put(inp["dy"]), backend.put(inp["weight"])
+        for training in (True, False):
+            out = _plan_out(backend, out_kind, shape)
+            got = run_forward(backend, inp, training=training, axis=1, out=out)
+            want = reference_forward(inp, training=training, axis=1)
+            if out is not None:
+                np.testing.assert_array_equal(backend.get(out), got[0])
+            for name, g, e in zip(
+                ("y", "mean", "invstd", "running_mean", "running_var"), got, want
+            ):
+                assert_close(g, e, np.float32, f"{name}, seed {seed}, training={training}")
+            _, mean, invstd, _, _ = want
+            out = _plan_out(backend, out_kind, shape)
+            grads = bn.backward(
+                dy, x, w, backend.put(mean), backend.put(invstd), training=training,
+                backend=backend.name, out=out,
+            )  # fmt: skip
+            expected = bn.backward(
+                inp["dy"], inp["x"], inp["weight"], mean, invstd, training=training,
+                backend="numpy",
+            )  # fmt: skip
+            assert out is None or grads[0] is out
+            for name, g, e in zip(("dx", "dweight", "dbias"), grads, expected):
+                assert_close(backend.get(g), e, np.float32, f"{name}, seed {seed}")
+
+
+def test_planned_signature_still_checks_values(backend):
+    """After a signature is planned, what depends on values is still checked on every call,
+    before anything is modified: eps, momentum, ``out`` overlapping x, shared running
+    statistics."""
+    x = backend.put(np.arange(24.0, dtype=np.float32).reshape(8, 3))
+    rm, rv = backend.put(np.zeros(3, np.float32)), backend.put(np.ones(3, np.float32))
+    out = backend.put(np.zeros((8, 3), np.float32))
+    bn.forward(x, None, None, rm, rv, out=out, backend=backend.name)  # planned
+    before = [backend.get(a).copy() for a in (x, rm, rv)]
+    with pytest.raises(ValueError, match="eps"):
+        bn.forward(x, None, None, rm, rv, out=out, eps=-1.0, backend=backend.name)
+    with pytest.raises(ValueError, match="momentum"):
+        bn.forward(x, None, None, rm, rv, out=out, momentum=2.0, backend=backend.name)
+    x2 = backend.put(np.ones((8, 3), np.float32))
+    with pytest.raises(ValueError, match="out must not overlap"):
+        bn.forward(x2, None, None, rm, rv, out=x2, backend=backend.name)  # out's signature
+    stats = backend.put(np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="must not overlap"):
+        bn.forward(x, None, None, stats, stats, out=out, backend=backend.name)
+    for a, b in zip((x, rm, rv), before):
+        np.testing.assert_array_equal(backend.get(a), b)
+
+
+def test_plans_keep_no_array_alive(backend):
+    """A plan holds no array of the call that made it: they are freed with the caller's."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(0)
+    arrays = [backend.put(rng.standard_normal((6, 3, 4)).astype(np.float32))]
+    arrays += [backend.put(np.full(3, v, np.float32)) for v in (1.0, 0.0, 0.0, 1.0)]
+    arrays += [backend.put(np.empty((6, 3, 4), np.float32))]
+    x, w, b, rm, rv, out = arrays
+    mean, invstd = bn.forward(x, w, b, rm, rv, out=out, backend=backend.name)[1:]
+    bn.forward(x, w, b, rm, rv, training=False, out=out, backend=backend.name)
+    bn.backward(backend.put(np.ones((6, 3, 4), np.float32)), x, w, mean, invstd, out=out,
+                backend=backend.name)  # fmt: skip
+    refs = [weakref.ref(a) for a in arrays]
+    del x, w, b, rm, rv, out, arrays
+    gc.collect()
+    assert all(r() is None for r in refs)

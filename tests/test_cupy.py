@@ -564,6 +564,18 @@ def emulated(request, monkeypatch):
     return backend
 
 
+def _route_cupy_to(emulated, monkeypatch):
+    """Public calls with ``backend="cupy"`` run on ``emulated``, with plans of their own."""
+    import batchnorm._api as api
+    from batchnorm._dispatch import registry
+
+    select = api.select_backend
+    monkeypatch.setattr(
+        api, "select_backend", lambda name, x: emulated if name == "cupy" else select(name, x)
+    )
+    monkeypatch.setattr(registry, "plans", {})  # not those of another test's emulation
+
+
 # name: (shape allocated, channel axis, index taken, memory order). Channels-first,
 # channels-last, planes split over several blocks, a partly filled channel tile, negative and
 # gapped strides, Fortran order.
@@ -710,12 +722,7 @@ def test_emulated_empty_arrays_launch_nothing(emulated):
 @pytest.mark.parametrize("shape, axis", [((4, 3, 6, 5), 1), ((64, 5, 7), -1)])
 def test_emulated_public_api_matches_reference(emulated, monkeypatch, dtype, shape, axis):
     """forward (train and eval, running stats) and backward (train and eval) end to end."""
-    import batchnorm._api as api
-
-    select = api.select_backend
-    monkeypatch.setattr(
-        api, "select_backend", lambda name, x: emulated if name == "cupy" else select(name, x)
-    )
+    _route_cupy_to(emulated, monkeypatch)
     rng = np.random.default_rng(3)
     c, param = shape[axis], np.float32 if dtype == np.float16 else dtype
     x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
@@ -740,12 +747,7 @@ def test_emulated_y_is_normalized_with_the_unrounded_mean(emulated, monkeypatch,
     with a spread of 1, in training and with a float64 running mean in evaluation. The host
     build runs the kernels' own float arithmetic, where y normalized with the mean rounded to
     float is off by about 1e-4."""
-    import batchnorm._api as api
-
-    select = api.select_backend
-    monkeypatch.setattr(
-        api, "select_backend", lambda name, x: emulated if name == "cupy" else select(name, x)
-    )
+    _route_cupy_to(emulated, monkeypatch)
     rng = np.random.default_rng(8)
     x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
     w = rng.uniform(0.5, 1.5, 16).astype(np.float32)
@@ -898,12 +900,7 @@ def test_emulated_launches_per_public_call(emulated, monkeypatch, dtype, param):
     fixed few kernels, and no per-channel step falls back to the Backend defaults, which take
     one CuPy operation per arithmetic step. Conversions of parameters of another dtype than
     the accumulation one (one launch each) are counted as ``convert``."""
-    import batchnorm._api as api
-
-    select = api.select_backend
-    monkeypatch.setattr(
-        api, "select_backend", lambda name, x: emulated if name == "cupy" else select(name, x)
-    )
+    _route_cupy_to(emulated, monkeypatch)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a Backend default per-channel step ran")

@@ -193,6 +193,46 @@ def _operands(x3: np.ndarray, out3: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return _input(x3), out, pending
 
 
+def _operands_as_they_are(x3: np.ndarray, out3: np.ndarray) -> tuple:
+    return x3, out3, None
+
+
+def _operands_as_rows(x3: np.ndarray, out3: np.ndarray) -> tuple:
+    return x3[:, :, 0], out3[:, :, 0], None
+
+
+def _operands_for(x3: np.ndarray, out3: np.ndarray) -> Any:
+    """:func:`_operands` for calls whose views have the shapes, strides and dtypes of these:
+    its common cases without its tests."""
+    if x3.dtype in _NUMBA_FLOATS and out3.dtype == x3.dtype:
+        if x3.flags.c_contiguous and out3.flags.c_contiguous:
+            _, C, L = x3.shape
+            if L != 1:
+                return _operands_as_they_are
+            if C > 1:
+                return _operands_as_rows
+    return _operands
+
+
+def _input_for(a3: np.ndarray) -> Any:
+    """:func:`_input` for calls whose view has the shape, strides and dtype of this one."""
+    if a3.dtype in _NUMBA_FLOATS and a3.flags.c_contiguous:
+        _, C, L = a3.shape
+        if L != 1:
+            return _as_it_is
+        if C > 1:
+            return _rows_of
+    return _input
+
+
+def _as_it_is(a: Any) -> Any:
+    return a
+
+
+def _rows_of(a3: np.ndarray) -> np.ndarray:
+    return a3[:, :, 0]
+
+
 def _publish(out: np.ndarray, pending: np.ndarray | None) -> None:
     """Copy what a kernel wrote into ``out`` to the view :func:`_output` left pending."""
     if pending is not None:
@@ -264,6 +304,18 @@ def _param(v: Any, fill: float, channels: int, dtype: np.dtype) -> np.ndarray:
     if type(v) is np.ndarray and v.dtype in _NUMBA_FLOATS and v.flags.c_contiguous:
         return v  # the core checked the shape: (C,)
     return _vector(v, fill, channels, dtype)
+
+
+def _param_for(v: Any, fill: float, channels: int, dtype: np.dtype) -> Any:
+    """:func:`_param` for calls whose argument has the type, dtype and strides of ``v``: the
+    vector as it is, one constant vector of ``fill`` for None (the kernels only read it),
+    or a conversion per call."""
+    if v is None:
+        constant = _vector(None, fill, channels, dtype)
+        return lambda v: constant
+    if type(v) is np.ndarray and v.dtype in _NUMBA_FLOATS and v.flags.c_contiguous:
+        return _as_it_is
+    return lambda v: _vector(v, fill, channels, dtype)
 
 
 def _scale(invstd: Any, weight: Any, channels: int, dtype: np.dtype) -> np.ndarray:
@@ -395,87 +447,134 @@ class NumbaBackend(Backend):
         _run(kernel, parallel, dy, x, coefs, out, *_tiling(x), _stream(out), parallel)
         _publish(out, pending)
 
-    # -- fused: one kernel call each ------------------------------------------------------------
-    # Results go into arrays allocated here: a compiled function returning new arrays costs
-    # about 1.5 us more per call.
+    # -- fused: one kernel call each, planned --------------------------------------------------
+    # Each plan_* method settles what depends only on the arrays' shapes, strides and dtypes
+    # (views, kernel, tiling, conversions) and returns the function that runs a call; the
+    # method of the same name plans and runs at once. Results go into arrays allocated here:
+    # a compiled function returning new arrays costs about 1.5 us more per call.
+    def plan_forward_train(self, x3, weight, bias, out3, running_mean, running_var):
+        channels, count = x3.shape[1], x3.shape[0] * x3.shape[2]
+        ct = _compute_dtype(x3.dtype)
+        operands = _operands_for(x3, out3)
+        x, _, _ = operands(x3, out3)
+        # The launch arguments of a parallel call and of a serial one (in a forked child):
+        # one task per resident channel is a parallel loop, so never in a serial call.
+        if x.ndim == 2:
+            kernel = kernels.cols_forward_train
+            launch = dict.fromkeys((True, False), (*_tiling(x), _prefetch(x)))
+        else:
+            kernel = kernels.rows_forward_train
+            launch = {
+                True: (config.TILE_ELEMENTS, _resident(x, arrays=1)),
+                False: (config.TILE_ELEMENTS, False),
+            }
+        parallel = _is_parallel(x)
+        weight_of = _param_for(weight, 1.0, channels, ct)
+        bias_of = _param_for(bias, 0.0, channels, ct)
+        # The kernels update NumPy float32/float64 running statistics too (a Python call
+        # less); an empty pair updates nothing.
+        fused = running_mean is not None and _numba_vectors(running_mean, running_var)
+        unbias = count / (count - 1) if fused else 0.0
+        no_running = _NO_RUNNING[ct]
+        default_update = super().update_running_stats
+
+        def forward_train(
+            x3, weight, bias, eps, out3, stat_dtype, running_mean=None, running_var=None,
+            momentum=0.0,
+        ):  # fmt: skip
+            x, out, pending = operands(x3, out3)
+            stats = np.empty((3, channels), ct)
+            running = (running_mean, running_var) if fused else no_running
+            go = parallel and not _serial_only
+            _run(
+                kernel, go,
+                x, weight_of(weight), bias_of(bias), eps, out, stats, *running, momentum,
+                momentum * unbias, *launch[go], _stream(out), go,
+            )  # fmt: skip
+            _publish(out, pending)
+            if running_mean is not None and not fused:  # not NumPy float vectors: the default
+                default_update(running_mean, running_var, stats[0], stats[1], count, momentum)
+            if ct != stat_dtype:  # never with the core's dtypes: the kernels compute in them
+                stats = stats.astype(stat_dtype)
+            return stats[0], stats[1], stats[2]
+
+        return forward_train
+
     def forward_train(
         self, x3, weight, bias, eps, out3, stat_dtype, running_mean=None, running_var=None,
         momentum=0.0,
     ):  # fmt: skip
-        x, out, pending = _operands(x3, out3)
+        run = self.plan_forward_train(x3, weight, bias, out3, running_mean, running_var)
+        return run(x3, weight, bias, eps, out3, stat_dtype, running_mean, running_var, momentum)
+
+    def plan_forward_eval(self, x3, running_mean, running_var, weight, bias, out3):
+        if not _numba_vectors(running_mean, running_var):
+            return super().forward_eval  # the composed default
         channels = x3.shape[1]
         ct = _compute_dtype(x3.dtype)
-        weight = _param(weight, 1.0, channels, ct)
-        bias = _param(bias, 0.0, channels, ct)
-        stats = np.empty((3, channels), ct)
-        # The kernels update NumPy float32/float64 running statistics too (a Python call
-        # less); an empty pair updates nothing.
-        fused = running_mean is not None and _numba_vectors(running_mean, running_var)
-        running = (running_mean, running_var) if fused else _NO_RUNNING[ct]
-        count = x3.shape[0] * x3.shape[2]
-        unbias = momentum * count / (count - 1) if fused else 0.0
+        operands = _operands_for(x3, out3)
+        x, _, _ = operands(x3, out3)
+        kernel = kernels.cols_forward_eval if x.ndim == 2 else kernels.rows_forward_eval
+        tiling = _tiling(x)
         parallel = _is_parallel(x)
-        if x.ndim == 2:
+        # weight and bias keep their dtype (the kernel widens them), like the running stats.
+        weight_of = _param_for(weight, 1.0, channels, ct)
+        bias_of = _param_for(bias, 0.0, channels, ct)
+        default = super().forward_eval
+
+        def forward_eval(x3, running_mean, running_var, weight, bias, eps, out3, stat_dtype):
+            if ct != stat_dtype:  # never through the public API
+                return default(x3, running_mean, running_var, weight, bias, eps, out3, stat_dtype)
+            x, out, pending = operands(x3, out3)
+            stats = np.empty((2, channels), ct)
+            go = parallel and not _serial_only
             _run(
-                kernels.cols_forward_train, parallel,
-                x, weight, bias, eps, out, stats, *running, momentum, unbias,
-                *_tiling(x), _prefetch(x), _stream(out), parallel,
+                kernel, go,
+                x, running_mean, running_var, weight_of(weight), bias_of(bias), eps, out, stats,
+                *tiling, _stream(out), go,
             )  # fmt: skip
-        else:
-            _run(
-                kernels.rows_forward_train, parallel,
-                x, weight, bias, eps, out, stats, *running, momentum, unbias,
-                config.TILE_ELEMENTS, _resident(x, arrays=1), _stream(out), parallel,
-            )  # fmt: skip
-        _publish(out, pending)
-        if running_mean is not None and not fused:  # not NumPy float vectors: the default
-            super().update_running_stats(
-                running_mean, running_var, stats[0], stats[1], count, momentum
-            )
-        if ct != stat_dtype:  # never with the core's dtypes: the kernels compute in them
-            stats = stats.astype(stat_dtype)
-        return stats[0], stats[1], stats[2]
+            _publish(out, pending)
+            return stats[0], stats[1]
+
+        return forward_eval
 
     def forward_eval(self, x3, running_mean, running_var, weight, bias, eps, out3, stat_dtype):
-        ct = _compute_dtype(x3.dtype)
-        if not _numba_vectors(running_mean, running_var) or ct != stat_dtype:
-            return super().forward_eval(
-                x3, running_mean, running_var, weight, bias, eps, out3, stat_dtype
-            )
+        run = self.plan_forward_eval(x3, running_mean, running_var, weight, bias, out3)
+        return run(x3, running_mean, running_var, weight, bias, eps, out3, stat_dtype)
+
+    def plan_backward_train(self, dy3, x3, mean, invstd, weight, out3):
         channels = x3.shape[1]
-        # weight and bias keep their dtype (the kernel widens them), like the running stats.
-        weight = _param(weight, 1.0, channels, ct)
-        bias = _param(bias, 0.0, channels, ct)
-        stats = np.empty((2, channels), ct)
-        x, out, pending = _operands(x3, out3)
+        ct = _compute_dtype(x3.dtype)
+        operands = _operands_for(x3, out3)
+        dy_of = _input_for(dy3)
+        x, _, _ = operands(x3, out3)
+        if x.ndim == 2:  # launch arguments as in plan_forward_train
+            kernel = kernels.cols_backward_train
+            launch = dict.fromkeys((True, False), _tiling(x))
+        else:
+            kernel = kernels.rows_backward_train
+            launch = {
+                True: (config.TILE_ELEMENTS, _resident(x, arrays=2)),
+                False: (config.TILE_ELEMENTS, False),
+            }
         parallel = _is_parallel(x)
-        kernel = kernels.cols_forward_eval if x.ndim == 2 else kernels.rows_forward_eval
-        _run(
-            kernel, parallel, x, running_mean, running_var, weight, bias, eps, out, stats,
-            *_tiling(x), _stream(out), parallel,
-        )  # fmt: skip
-        _publish(out, pending)
-        return stats[0], stats[1]
+        mean_of = _param_for(mean, 0.0, channels, ct)
+        invstd_of = _param_for(invstd, 1.0, channels, ct)
+        weight_of = _param_for(weight, 1.0, channels, ct)
+
+        def backward_train(dy3, x3, mean, invstd, weight, out3):
+            x, out, pending = operands(x3, out3)
+            go = parallel and not _serial_only
+            sums = _run(
+                kernel, go,
+                dy_of(dy3), x, mean_of(mean), invstd_of(invstd), weight_of(weight), out,
+                *launch[go], _stream(out), go,
+            )  # fmt: skip
+            _publish(out, pending)
+            return sums
+
+        return backward_train
 
     def backward_train(self, dy3, x3, mean, invstd, weight, out3):
-        x, out, pending = _operands(x3, out3)
-        dy = _input(dy3)
-        channels = x3.shape[1]
-        ct = _compute_dtype(x3.dtype)
-        mean = _param(mean, 0.0, channels, ct)
-        invstd = _param(invstd, 1.0, channels, ct)
-        weight = _param(weight, 1.0, channels, ct)
-        parallel = _is_parallel(x)
-        if x.ndim == 2:
-            sums = _run(
-                kernels.cols_backward_train, parallel,
-                dy, x, mean, invstd, weight, out, *_tiling(x), _stream(out), parallel,
-            )  # fmt: skip
-        else:
-            sums = _run(
-                kernels.rows_backward_train, parallel,
-                dy, x, mean, invstd, weight, out, config.TILE_ELEMENTS,
-                _resident(x, arrays=2), _stream(out), parallel,
-            )  # fmt: skip
-        _publish(out, pending)
-        return sums
+        run = self.plan_backward_train(dy3, x3, mean, invstd, weight, out3)
+        return run(dy3, x3, mean, invstd, weight, out3)

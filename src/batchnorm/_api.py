@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from ._backend import Backend
-from ._dispatch import select_backend
-from ._layout import plan_view, view_geometry
+from ._dispatch import _requested_name, registry, select_backend
+from ._layout import plan_layout, plan_view, view_geometry
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 # Checked first: a set lookup of the array's own dtype is ~0.15 us cheaper than np.dtype()
@@ -42,20 +42,76 @@ def _check_float(name: str, native: Any) -> None:
         raise TypeError(f"{name} must have dtype float16, float32 or float64, got {native.dtype}")
 
 
-class _Call:
-    """The backend, native arrays and 3-D layout of one call, validated."""
+# -- plans: the checks and choices of one argument signature, made once ---------------------
+# Most of what a call checks and chooses (the backend, dtypes, shapes, the 3-D views, the
+# backend's kernel and launch sizes) depends only on the arguments' signature: the backend
+# requested, the axis, the mode, and the type, dtype, shape and strides of every array. A
+# signature's first call makes a _Plan, with every check; later calls with it run the plan,
+# which checks only what depends on values (eps, momentum, arrays that overlap). This is
+# worth more than its isolated cost suggests: in a loop of calls each Python step after a
+# kernel runs several times slower than alone (the kernel flushed the interpreter's data
+# from the caches), and on (256, 1024) the steps of a call took 30 of its 110 us.
+_PLANS_KEPT = 256  # signatures; a program cycling through more re-plans rather than grows
 
-    def __init__(self, backend_name: str | None, x: Any, axis: Any) -> None:
-        self.backend: Backend = select_backend(backend_name, x)  # it checked accepts(x)
-        self.x_user = x
-        self.x = native = self.backend.as_native(x)
+
+def _signature(role: str, requested: Any, axis: Any, mode: Any, arrays: tuple) -> tuple | None:
+    """The key of a call's plan: which function, the backend requested, the axis, the mode
+    and every array's type, dtype, shape and strides (None where an array is absent). None
+    when an argument has no such key: that call is planned afresh."""
+    if type(axis) is not int:  # True == 1 as a key: a bool axis must meet its TypeError
+        return None
+    key = [role, requested, axis, mode]
+    try:
+        for a in arrays:
+            key.append(None if a is None else (type(a), a.dtype, a.shape, a.strides))
+    except AttributeError:  # not array-like: the plan's checks say what is wrong
+        return None
+    return tuple(key)
+
+
+def _kept_plan(key: tuple | None) -> _Plan | None:
+    if key is None:
+        return None
+    try:
+        return registry.plans.get(key)  # forgotten with the backends (registry.clear())
+    except TypeError:  # an unhashable shape or dtype
+        return None
+
+
+def _keep(key: tuple | None, plan: _Plan) -> _Plan:
+    if key is not None:
+        plans = registry.plans
+        if len(plans) >= _PLANS_KEPT:
+            plans.clear()
+        try:
+            plans[key] = plan
+        except TypeError:  # an unhashable shape or dtype
+            pass
+    return plan
+
+
+class _Plan:
+    """The backend, checks and 3-D views of one argument signature.
+
+    Built on the signature's first call, raising on the first failed check; it keeps no
+    array. ``geometry`` values are the ``(shape3, strides3)`` of an array's 3-D view, or None
+    when the array is copied (an input) or written through a scratch array (``out``).
+    """
+
+    def __init__(self, requested: str | None, x: Any, axis: Any) -> None:
+        self.backend: Backend = select_backend(requested, x)  # it checked accepts(x)
+        backend_type = type(self.backend)
+        self.converts = backend_type.as_native is not Backend.as_native
+        self.converts_back = backend_type.to_user is not Backend.to_user
+        self.x_type_name = _type_name(x)  # for messages
+        native = self.backend.as_native(x)
         if native.dtype not in _FLOAT_DTYPE_SET:  # the common case costs one set lookup
             _check_float("x", native)
+        self.x_dtype = native.dtype
         self.shape = shape = tuple(native.shape)
         ndim = len(shape)
         if ndim < 2:
             raise ValueError(f"x must have at least 2 dimensions (batch and channel), got {ndim}")
-        # isinstance against numbers.Integral costs ~0.4 us; a plain int needs no such test.
         if type(axis) is not int and (
             isinstance(axis, bool) or not isinstance(axis, numbers.Integral)
         ):
@@ -64,33 +120,35 @@ class _Call:
             raise ValueError(f"axis {axis} is out of range for x with {ndim} dimensions")
         self.axis = int(axis) % ndim
         self.channels = int(shape[self.axis])
-        self.vector_shape = (self.channels,)
         self.count = math.prod(shape) // self.channels if self.channels else 0
         self.stat_dtype = stat_dtype_for(native.dtype)
-        self._plan(native)
+        # x's own view, else (an input whose strides cannot be viewed) that of the compact copy
+        # taken of it: empty_like(x), laid out like x (NumPy's order="K"), which also holds
+        # outputs and copies of other inputs.
+        self.layout, self.x_geometry = plan_view(shape, tuple(native.strides), self.axis)
+        compact = self.backend.empty_like(native)
+        if self.x_geometry is None:
+            self.layout = plan_layout(shape, tuple(compact.strides), self.axis)
+        self.compact_geometry = self.geometry(compact)
+        if self.compact_geometry is None:
+            raise RuntimeError(
+                f"backend {self.backend.name!r}: empty_like() must return a compact array in "
+                "the memory order of its argument"
+            )
 
-    def _plan(self, x: Any) -> None:
-        """Plan the layout for x, and keep x's view geometry: dy, ``out`` and a fresh
-        ``empty_like(x)`` usually have x's strides, and then share it."""
-        self._x_strides = tuple(x.strides)
-        self.layout, self._x_geometry = plan_view(tuple(x.shape), self._x_strides, self.axis)
+    def geometry(self, native: Any) -> tuple | None:
+        """The geometry of a native array of x's shape in this plan's layout."""
+        return view_geometry(self.layout, tuple(native.shape), tuple(native.strides))
 
-    def _view(self, native: Any) -> Any | None:
-        """The 3-D view of a native array of x's shape, or None if it needs a copy."""
-        strides = tuple(native.strides)
-        if strides == self._x_strides:
-            geometry = self._x_geometry
-        else:
-            geometry = view_geometry(self.layout, tuple(native.shape), strides)
-        return None if geometry is None else self.backend.strided_view(native, *geometry)
-
-    def _native(self, name: str, array: Any) -> Any:
+    # -- checks, made when planning --------------------------------------------------------
+    def native(self, name: str, array: Any) -> Any:
+        """``array`` as the backend's native type, if the backend accepts it."""
         backend = self.backend
         if not backend.accepts(array):
             raise TypeError(
                 f"{name} is a {_type_name(array)}, which backend "
                 f"{backend.name!r} cannot operate on (x is a "
-                f"{_type_name(self.x_user)}); arrays are never moved implicitly"
+                f"{self.x_type_name}); arrays are never moved implicitly"
             )
         return backend.as_native(array)
 
@@ -100,11 +158,10 @@ class _Call:
             if required:
                 raise ValueError(f"{name} is required")
             return None
-        native = self._native(name, array)
+        native = self.native(name, array)
         if native.dtype not in _FLOAT_DTYPE_SET:  # the common case costs one set lookup
             _check_float(name, native)
-        shape = native.shape
-        if shape != self.vector_shape and tuple(shape) != self.vector_shape:
+        if tuple(native.shape) != (self.channels,):
             raise ValueError(
                 f"{name} must have shape ({self.channels},) to match the "
                 f"{self.channels} channels of x along axis {self.axis}, "
@@ -113,70 +170,116 @@ class _Call:
         return native
 
     def like_x(self, name: str, array: Any) -> Any:
-        """An argument that must match x in shape and dtype (dy)."""
-        native = self._native(name, array)
+        """An argument that must match x in shape and dtype (dy, out)."""
+        native = self.native(name, array)
         if tuple(native.shape) != self.shape:
             raise ValueError(
                 f"{name} must have the shape of x {self.shape}, got {tuple(native.shape)}"
             )
         dtype = native.dtype
-        if dtype != self.x.dtype and np.dtype(dtype) != np.dtype(self.x.dtype):
-            raise TypeError(
-                f"{name} must have the dtype of x ({self.x.dtype}), got {native.dtype}"
-            )
+        if dtype != self.x_dtype and np.dtype(dtype) != np.dtype(self.x_dtype):
+            raise TypeError(f"{name} must have the dtype of x ({self.x_dtype}), got {dtype}")
         return native
 
-    def check_out(self, out: Any, inputs: tuple[Any, ...]) -> Any:
-        """The native ``out`` (callers skip this for ``out=None``), not overlapping ``inputs``."""
-        native = self.like_x("out", out)
-        for array in inputs:
-            if self.backend.may_share_memory(native, array):
-                raise ValueError("out must not overlap the input arrays")
-        return native
-
-    def view3(self, native: Any) -> Any:
-        """3-D view of an input (x first, then dy).
-
-        An input whose strides cannot be viewed is copied once into a compact array laid out
-        like x (NumPy's ``order="K"``); if that input is x, the layout is planned again for it.
-        """
-        view = self._view(native)
-        if view is not None:
-            return view
-        compact = self.backend.empty_like(self.x)
-        self.backend.copy_into(compact, native)
-        if native is self.x:
-            self._plan(compact)
-        return self._compact_view(compact)
-
-    def output(self, out_native: Any) -> tuple[Any, Any, Any]:
-        """``(result, result3, publish)``: where the kernel writes and how to publish it."""
-        target = out_native if out_native is not None else self.backend.empty_like(self.x)
-        view = self._view(target)
-        if view is not None:
-            return target, view, _nothing_to_publish
-        scratch = self.backend.empty_like(self.x)
-        return target, self._compact_view(scratch), lambda: self.backend.copy_into(target, scratch)
-
-    def _compact_view(self, compact: Any) -> Any:
-        view = self._view(compact)
-        if view is None:
-            raise RuntimeError(
-                f"backend {self.backend.name!r}: empty_like() must return a compact array in "
-                "the memory order of its argument"
-            )
-        return view
-
-    def user(self, *natives: Any) -> tuple[Any, ...]:
-        """Results as the user's array type (None stays None)."""
+    # -- per call -------------------------------------------------------------------------------
+    def natives(self, *arrays: Any) -> tuple[Any, ...]:
+        """The call's arrays as the backend's native type (None stays None)."""
+        if not self.converts:  # the default: the user's arrays are native
+            return arrays
         backend = self.backend
-        if type(backend).to_user is Backend.to_user:  # the default: results are the user's type
+        return tuple(None if a is None else backend.as_native(a) for a in arrays)
+
+    def view3(self, native: Any, geometry: tuple | None, x: Any) -> Any:
+        """The 3-D view of input ``native``; with no ``geometry``, of a compact copy of it laid
+        out like ``x`` (copied once, not per pass)."""
+        backend = self.backend
+        if geometry is not None:
+            return backend.strided_view(native, *geometry)
+        compact = backend.empty_like(x)
+        backend.copy_into(compact, native)
+        return backend.strided_view(compact, *self.compact_geometry)
+
+    def output(self, out: Any, geometry: tuple | None, x: Any) -> tuple[Any, Any, Any]:
+        """``(result, result3, scratch)``: where the kernel writes, and the scratch array to
+        copy into ``out`` afterwards when ``out`` cannot be viewed (else None)."""
+        backend = self.backend
+        if out is not None and geometry is not None:
+            return out, backend.strided_view(out, *geometry), None
+        target = backend.empty_like(x)
+        target3 = backend.strided_view(target, *self.compact_geometry)
+        return (target, target3, None) if out is None else (out, target3, target)
+
+    def user(self, x_user: Any, *natives: Any) -> tuple[Any, ...]:
+        """Results as the user's array type, that of ``x_user`` (None stays None)."""
+        if not self.converts_back:  # the default: results are the user's type
             return natives
-        return tuple(None if a is None else backend.to_user(a, self.x_user) for a in natives)
+        backend = self.backend
+        return tuple(None if a is None else backend.to_user(a, x_user) for a in natives)
+
+    def example3(self, native: Any, geometry: tuple | None, x: Any) -> Any:
+        """A 3-D view like those the calls of this plan pass for ``native`` (None: for a new
+        output), without copying anything: the backend plans with it, and looks at its
+        shape, strides and dtype only."""
+        backend = self.backend
+        if native is not None and geometry is not None:
+            return backend.strided_view(native, *geometry)
+        return backend.strided_view(backend.empty_like(x), *self.compact_geometry)
 
 
-def _nothing_to_publish() -> None:
-    pass
+class _ForwardPlan(_Plan):
+    """A :class:`_Plan` of :func:`forward`, with the backend's function for it."""
+
+    def __init__(self, requested, x, axis, training, weight, bias, running_mean, running_var, out):
+        super().__init__(requested, x, axis)
+        if training and self.count <= 1:
+            raise ValueError(
+                f"expected more than 1 value per channel when training, got "
+                f"input of shape {self.shape} with axis={self.axis}"
+            )
+        weight = self.vector("weight", weight)
+        bias = self.vector("bias", bias)
+        running_mean = self.vector("running_mean", running_mean)
+        running_var = self.vector("running_var", running_var)
+        x = self.backend.as_native(x)
+        out = None if out is None else self.like_x("out", out)
+        self.out_geometry = None if out is None else self.geometry(out)
+        x3 = self.example3(x, self.x_geometry, x)
+        y3 = self.example3(out, self.out_geometry, x)
+        if training:
+            self.run = self.backend.plan_forward_train(
+                x3, weight, bias, y3, running_mean, running_var
+            )
+        else:
+            self.run = self.backend.plan_forward_eval(
+                x3, running_mean, running_var, weight, bias, y3
+            )
+
+
+class _BackwardPlan(_Plan):
+    """A :class:`_Plan` of :func:`backward`, with the backend's function for it."""
+
+    def __init__(self, requested, x, axis, training, dy, weight, mean, invstd, out):
+        super().__init__(requested, x, axis)
+        if dy is None:
+            raise ValueError("dy is required")
+        dy = self.like_x("dy", dy)
+        weight = self.vector("weight", weight)
+        mean = self.vector("mean", mean, required=True)
+        invstd = self.vector("invstd", invstd, required=True)
+        out = None if out is None else self.like_x("out", out)
+        self.dy_geometry = self.geometry(dy)
+        self.out_geometry = None if out is None else self.geometry(out)
+        self.run = None  # evaluation: normalize and grad_sums
+        if training:
+            x = self.backend.as_native(x)
+            self.run = self.backend.plan_backward_train(
+                self.example3(dy, self.dy_geometry, x),
+                self.example3(x, self.x_geometry, x),
+                mean,
+                invstd,
+                weight,
+                self.example3(out, self.out_geometry, x),
+            )
 
 
 # Plain floats skip the isinstance tests against numbers.Real (~0.4 us each).
@@ -279,43 +382,40 @@ def forward(
     >>> mean
     array([ 2., 20.], dtype=float32)
     """
-    call = _Call(backend, x, axis)
-    be = call.backend
-    weight = call.vector("weight", weight)
-    bias = call.vector("bias", bias)
     training = _check_training(training)
     eps = _check_eps(eps)
     momentum = _check_momentum(momentum)
     if training:
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together")
-        if call.count <= 1:
-            raise ValueError(
-                f"expected more than 1 value per channel when training, got "
-                f"input of shape {tuple(call.x.shape)} with axis={call.axis}"
-            )
     elif running_mean is None or running_var is None:
         raise ValueError("evaluation (training=False) requires running_mean and running_var")
-    running_mean = call.vector("running_mean", running_mean)
-    running_var = call.vector("running_var", running_var)
-    out_native = None if out is None else call.check_out(out, (call.x,))
+    requested = backend or _requested_name()
+    arrays = (x, weight, bias, running_mean, running_var, out)
+    key = _signature("forward", requested, axis, training, arrays)
+    plan = _kept_plan(key) or _keep(key, _ForwardPlan(requested, x, axis, training, *arrays[1:]))
+
+    be = plan.backend
+    x_user, out_user = x, out
+    x, weight, bias, running_mean, running_var, out = plan.natives(*arrays)
+    if out is not None and be.may_share_memory(out, x):
+        raise ValueError("out must not overlap the input arrays")
     if training and running_mean is not None and be.may_share_memory(running_mean, running_var):
         raise ValueError("running_mean and running_var must not overlap")
-
-    x3 = call.view3(call.x)
-    y, y3, publish = call.output(out_native)
+    x3 = plan.view3(x, plan.x_geometry, x)
+    y, y3, scratch = plan.output(out, plan.out_geometry, x)
     if training:
-        mean, _, invstd = be.forward_train(
-            x3, weight, bias, eps, y3, call.stat_dtype, running_mean, running_var, momentum
+        mean, _, invstd = plan.run(
+            x3, weight, bias, eps, y3, plan.stat_dtype, running_mean, running_var, momentum
         )
-        publish()
     else:
-        mean, invstd = be.forward_eval(
-            x3, running_mean, running_var, weight, bias, eps, y3, call.stat_dtype
+        mean, invstd = plan.run(
+            x3, running_mean, running_var, weight, bias, eps, y3, plan.stat_dtype
         )
-        publish()
-    y, mean, invstd = call.user(y, mean, invstd)
-    return (out if out is not None else y), mean, invstd
+    if scratch is not None:
+        be.copy_into(y, scratch)
+    y, mean, invstd = plan.user(x_user, y, mean, invstd)
+    return (out_user if out_user is not None else y), mean, invstd
 
 
 def backward(
@@ -368,31 +468,34 @@ def backward(
     >>> dx.ravel(), dw, db
     (array([0., 0.]), array([0.]), array([2.]))
     """
-    call = _Call(backend, x, axis)
-    be = call.backend
-    dy_native = call.like_x("dy", dy)
-    weight = call.vector("weight", weight)
-    mean = call.vector("mean", mean, required=True)
-    invstd = call.vector("invstd", invstd, required=True)
     training = _check_training(training)
-    out_native = None if out is None else call.check_out(out, (call.x, dy_native))
+    requested = backend or _requested_name()
+    arrays = (x, dy, weight, mean, invstd, out)
+    key = _signature("backward", requested, axis, training, arrays)
+    plan = _kept_plan(key) or _keep(key, _BackwardPlan(requested, x, axis, training, *arrays[1:]))
 
-    x3 = call.view3(call.x)
-    dy3 = call.view3(dy_native)
-    dx, dx3, publish = call.output(out_native)
+    be = plan.backend
+    x_user, out_user = x, out
+    x, dy, weight, mean, invstd, out = plan.natives(*arrays)
+    if out is not None and (be.may_share_memory(out, x) or be.may_share_memory(out, dy)):
+        raise ValueError("out must not overlap the input arrays")
+    x3 = plan.view3(x, plan.x_geometry, x)
+    dy3 = plan.view3(dy, plan.dy_geometry, x)
+    dx, dx3, scratch = plan.output(out, plan.out_geometry, x)
     sums = None
     if training:
-        sums = be.backward_train(dy3, x3, mean, invstd, weight, dx3)
+        sums = plan.run(dy3, x3, mean, invstd, weight, dx3)
     else:
         be.normalize(dy3, None, invstd, weight, None, dx3)
         if weight is not None:
             sums = be.grad_sums(dy3, x3, mean)
-    publish()
+    if scratch is not None:
+        be.copy_into(dx, scratch)
     dweight = dbias = None
     if weight is not None:
         dweight, dbias = be.param_grads(*sums, invstd, weight.dtype, weight.dtype)
-    dx, dweight, dbias = call.user(dx, dweight, dbias)
-    return (out if out is not None else dx), dweight, dbias
+    dx, dweight, dbias = plan.user(x_user, dx, dweight, dbias)
+    return (out_user if out_user is not None else dx), dweight, dbias
 
 
 def batch_norm(

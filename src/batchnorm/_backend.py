@@ -13,7 +13,9 @@ Two phases, so a multi-process version can all-reduce between them:
 * phase 2, elementwise: :meth:`normalize` and :meth:`input_grad`.
 
 :meth:`forward_train`, :meth:`forward_eval` and :meth:`backward_train` compose the phases
-and the per-channel steps; a backend may override them with fused kernels. The
+and the per-channel steps; a backend may override them with fused kernels, and may settle
+its per-call choices once per call signature in :meth:`plan_forward_train`,
+:meth:`plan_forward_eval` and :meth:`plan_backward_train`. The
 per-channel steps (:meth:`finish_stats`, :meth:`param_grads`, :meth:`update_running_stats`)
 have defaults written with the backend's array module ``xp``; a backend whose arrays have
 no such module (e.g. Numba device arrays) overrides them.
@@ -61,7 +63,11 @@ class Backend(ABC):
         return None
 
     def accepts(self, array: Any) -> bool:
-        """Whether ``array`` is of a kind this backend computes on (no transfer needed)."""
+        """Whether ``array`` is of a kind this backend computes on (no transfer needed).
+
+        The core asks once per call signature (see :meth:`plan_forward_train`) and remembers
+        the answer, so it must follow from the array's type, dtype, shape and strides.
+        """
         return isinstance(array, np.ndarray)
 
     def devices(self) -> list[str]:
@@ -72,7 +78,8 @@ class Backend(ABC):
     def as_native(self, array: Any) -> Any:
         """Return a zero-copy view of an accepted array as the backend's native type.
 
-        The native type must have NumPy-style ``shape``, ``dtype`` and ``strides`` (bytes).
+        The native type must have NumPy-style ``shape``, ``dtype`` and ``strides`` (bytes),
+        which must follow from those of ``array`` (the core plans once per signature).
         """
         return array
 
@@ -85,7 +92,8 @@ class Backend(ABC):
         return self.xp.empty(shape, dtype=dtype)
 
     def empty_like(self, array: Any) -> Any:
-        """Allocate a native array of ``array``'s shape, dtype and memory order."""
+        """Allocate a native array of ``array``'s shape, dtype and memory order (compact,
+        with strides that follow from ``array``'s shape, dtype and strides)."""
         return self.xp.empty_like(array)
 
     def strided_view(self, array: Any, shape: tuple[int, ...], strides: tuple[int, ...]) -> Any:
@@ -192,6 +200,28 @@ class Backend(ABC):
         sum_dy, sum_dy_xmu = self.grad_sums(dy3, x3, mean)
         self.input_grad(dy3, x3, mean, invstd, weight, sum_dy, sum_dy_xmu, out3)
         return sum_dy, sum_dy_xmu
+
+    # -- plans (override to settle per-call choices once) --------------------------------------
+    # The core plans each signature of a public call once (the types, dtypes, shapes and
+    # strides of its arrays) and then asks the backend for the function it will call for every
+    # call with that signature. A backend can make its choices there (kernel, launch sizes,
+    # conversions) instead of on every call; the defaults are the methods themselves. The
+    # arguments are views and vectors with the signature's shapes, strides and dtypes (the
+    # output may be a fresh array): look at those, not at their values, and keep none of them.
+    def plan_forward_train(self, x3, weight, bias, out3, running_mean, running_var):
+        """A function with the arguments and results of :meth:`forward_train`, for arrays
+        like these."""
+        return self.forward_train
+
+    def plan_forward_eval(self, x3, running_mean, running_var, weight, bias, out3):
+        """A function with the arguments and results of :meth:`forward_eval`, for arrays like
+        these."""
+        return self.forward_eval
+
+    def plan_backward_train(self, dy3, x3, mean, invstd, weight, out3):
+        """A function with the arguments and results of :meth:`backward_train`, for arrays
+        like these."""
+        return self.backward_train
 
     # -- per-channel steps (defaults use self.xp) ----------------------------------------------
     def finish_stats(self, mean, m2, count: int, eps: float, stat_dtype) -> tuple[Any, Any, Any]:

@@ -57,6 +57,9 @@ class _Registry:
         self._entry_points: dict[str, Any] | None = None
         self._loaded: dict[str, tuple[Backend | Exception, str | None]] = {}
         self._ordered: list[Backend] | None = None
+        # The core's plans of call signatures (batchnorm._api): they hold a backend, so they
+        # are forgotten with it.
+        self.plans: dict[tuple, Any] = {}
 
     def clear(self) -> None:
         """Forget discovered and loaded backends (for tests that install plugins)."""
@@ -64,6 +67,7 @@ class _Registry:
             self._entry_points = None
             self._loaded = {}
             self._ordered = None
+            self.plans = {}
 
     def names(self) -> list[str]:
         with self._lock:
