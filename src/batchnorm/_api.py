@@ -60,13 +60,13 @@ def _signature(role: str, requested: Any, axis: Any, mode: Any, arrays: tuple) -
     when an argument has no such key: that call is planned afresh."""
     if type(axis) is not int:  # True == 1 as a key: a bool axis must meet its TypeError
         return None
-    key = [role, requested, axis, mode]
     try:
-        for a in arrays:
-            key.append(None if a is None else (type(a), a.dtype, a.shape, a.strides))
+        signatures = [
+            None if a is None else (type(a), a.dtype, a.shape, a.strides) for a in arrays
+        ]
     except AttributeError:  # not array-like: the plan's checks say what is wrong
         return None
-    return tuple(key)
+    return (role, requested, axis, mode, *signatures)
 
 
 def _kept_plan(key: tuple | None) -> _Plan | None:
@@ -382,9 +382,13 @@ def forward(
     >>> mean
     array([ 2., 20.], dtype=float32)
     """
-    training = _check_training(training)
-    eps = _check_eps(eps)
-    momentum = _check_momentum(momentum)
+    # The usual values pass a few comparisons; the functions check the others (or raise).
+    if type(training) is not bool:
+        training = _check_training(training)
+    if type(eps) is not float or not 0.0 <= eps < math.inf:
+        eps = _check_eps(eps)
+    if type(momentum) is not float or not 0.0 <= momentum <= 1.0:
+        momentum = _check_momentum(momentum)
     if training:
         if (running_mean is None) != (running_var is None):
             raise ValueError("running_mean and running_var must be given together")
@@ -468,7 +472,8 @@ def backward(
     >>> dx.ravel(), dw, db
     (array([0., 0.]), array([0.]), array([2.]))
     """
-    training = _check_training(training)
+    if type(training) is not bool:
+        training = _check_training(training)
     requested = backend or _requested_name()
     arrays = (x, dy, weight, mean, invstd, out)
     key = _signature("backward", requested, axis, training, arrays)
