@@ -279,6 +279,18 @@ def _resident(x: np.ndarray, arrays: int) -> bool:
     return C >= config.RESIDENT_MIN_CHANNELS and channel_bytes <= config.RESIDENT_BYTES
 
 
+def _fused_launch(x: np.ndarray, arrays: int, prefetch: bool) -> dict[bool, tuple]:
+    """The launch arguments of a fused kernel over ``arrays`` inputs like ``x``, for a
+    parallel call (True) and a serial one (False, in a forked child): channels-last, the
+    tiling (and prefetching, for ``prefetch`` kernels); channels-first, the tile and whether
+    to run one task per resident channel, a parallel loop, so never in a serial call."""
+    if x.ndim == 2:
+        tail = (*_tiling(x), _prefetch(x)) if prefetch else _tiling(x)
+        return dict.fromkeys((True, False), tail)
+    resident = _resident(x, arrays)
+    return {True: (config.TILE_ELEMENTS, resident), False: (config.TILE_ELEMENTS, False)}
+
+
 def _vector(v: Any, fill: float, channels: int, dtype: np.dtype = _FLOAT64) -> np.ndarray:
     """A per-channel argument as a contiguous array (``fill`` for None).
 
@@ -457,17 +469,8 @@ class NumbaBackend(Backend):
         ct = _compute_dtype(x3.dtype)
         operands = _operands_for(x3, out3)
         x, _, _ = operands(x3, out3)
-        # The launch arguments of a parallel call and of a serial one (in a forked child):
-        # one task per resident channel is a parallel loop, so never in a serial call.
-        if x.ndim == 2:
-            kernel = kernels.cols_forward_train
-            launch = dict.fromkeys((True, False), (*_tiling(x), _prefetch(x)))
-        else:
-            kernel = kernels.rows_forward_train
-            launch = {
-                True: (config.TILE_ELEMENTS, _resident(x, arrays=1)),
-                False: (config.TILE_ELEMENTS, False),
-            }
+        kernel = kernels.cols_forward_train if x.ndim == 2 else kernels.rows_forward_train
+        launch = _fused_launch(x, arrays=1, prefetch=True)
         parallel = _is_parallel(x)
         weight_of = _param_for(weight, 1.0, channels, ct)
         bias_of = _param_for(bias, 0.0, channels, ct)
@@ -548,15 +551,8 @@ class NumbaBackend(Backend):
         operands = _operands_for(x3, out3)
         dy_of = _input_for(dy3)
         x, _, _ = operands(x3, out3)
-        if x.ndim == 2:  # launch arguments as in plan_forward_train
-            kernel = kernels.cols_backward_train
-            launch = dict.fromkeys((True, False), _tiling(x))
-        else:
-            kernel = kernels.rows_backward_train
-            launch = {
-                True: (config.TILE_ELEMENTS, _resident(x, arrays=2)),
-                False: (config.TILE_ELEMENTS, False),
-            }
+        kernel = kernels.cols_backward_train if x.ndim == 2 else kernels.rows_backward_train
+        launch = _fused_launch(x, arrays=2, prefetch=False)
         parallel = _is_parallel(x)
         mean_of = _param_for(mean, 0.0, channels, ct)
         invstd_of = _param_for(invstd, 1.0, channels, ct)

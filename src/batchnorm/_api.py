@@ -54,10 +54,29 @@ def _check_float(name: str, native: Any) -> None:
 _PLANS_KEPT = 256  # signatures; a program cycling through more re-plans rather than grows
 
 
-def _signature(role: str, requested: Any, axis: Any, mode: Any, arrays: tuple) -> tuple | None:
-    """The key of a call's plan: which function, the backend requested, the axis, the mode
-    and every array's type, dtype, shape and strides (None where an array is absent). None
-    when an argument has no such key: that call is planned afresh."""
+def _plan_for(kind: type, backend_name: Any, axis: Any, mode: Any, arrays: tuple) -> _Plan:
+    """The plan of ``kind`` (:class:`_ForwardPlan`, :class:`_BackwardPlan`) for a call on
+    ``arrays`` (x first): the one kept for its signature, or a new one."""
+    requested = backend_name or _requested_name()
+    key = _signature(kind, requested, axis, mode, arrays)
+    plans = registry.plans  # forgotten with the backends (registry.clear())
+    try:
+        plan = plans.get(key) if key is not None else None
+    except TypeError:  # an unhashable shape or dtype: planned afresh
+        key = plan = None
+    if plan is None:
+        plan = kind(requested, arrays[0], axis, mode, *arrays[1:])
+        if key is not None:
+            if len(plans) >= _PLANS_KEPT:
+                plans.clear()
+            plans[key] = plan
+    return plan
+
+
+def _signature(kind: type, requested: Any, axis: Any, mode: Any, arrays: tuple) -> tuple | None:
+    """The key of a call's plan: which kind of plan, the backend requested, the axis, the
+    mode and every array's type, dtype, shape and strides (None where an array is absent).
+    None when an argument has no such key: that call is planned afresh."""
     if type(axis) is not int:  # True == 1 as a key: a bool axis must meet its TypeError
         return None
     try:
@@ -66,28 +85,7 @@ def _signature(role: str, requested: Any, axis: Any, mode: Any, arrays: tuple) -
         ]
     except AttributeError:  # not array-like: the plan's checks say what is wrong
         return None
-    return (role, requested, axis, mode, *signatures)
-
-
-def _kept_plan(key: tuple | None) -> _Plan | None:
-    if key is None:
-        return None
-    try:
-        return registry.plans.get(key)  # forgotten with the backends (registry.clear())
-    except TypeError:  # an unhashable shape or dtype
-        return None
-
-
-def _keep(key: tuple | None, plan: _Plan) -> _Plan:
-    if key is not None:
-        plans = registry.plans
-        if len(plans) >= _PLANS_KEPT:
-            plans.clear()
-        try:
-            plans[key] = plan
-        except TypeError:  # an unhashable shape or dtype
-            pass
-    return plan
+    return (kind, requested, axis, mode, *signatures)
 
 
 class _Plan:
@@ -394,10 +392,8 @@ def forward(
             raise ValueError("running_mean and running_var must be given together")
     elif running_mean is None or running_var is None:
         raise ValueError("evaluation (training=False) requires running_mean and running_var")
-    requested = backend or _requested_name()
     arrays = (x, weight, bias, running_mean, running_var, out)
-    key = _signature("forward", requested, axis, training, arrays)
-    plan = _kept_plan(key) or _keep(key, _ForwardPlan(requested, x, axis, training, *arrays[1:]))
+    plan = _plan_for(_ForwardPlan, backend, axis, training, arrays)
 
     be = plan.backend
     x_user, out_user = x, out
@@ -474,10 +470,8 @@ def backward(
     """
     if type(training) is not bool:
         training = _check_training(training)
-    requested = backend or _requested_name()
     arrays = (x, dy, weight, mean, invstd, out)
-    key = _signature("backward", requested, axis, training, arrays)
-    plan = _kept_plan(key) or _keep(key, _BackwardPlan(requested, x, axis, training, *arrays[1:]))
+    plan = _plan_for(_BackwardPlan, backend, axis, training, arrays)
 
     be = plan.backend
     x_user, out_user = x, out
