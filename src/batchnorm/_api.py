@@ -1,7 +1,8 @@
-"""The public batch-norm functions: validate once, resolve the layout, call the backend.
+"""The public batch-norm functions: validate, resolve the layout, call the backend.
 
-Every check happens before any kernel runs, so an exception leaves running statistics and
-``out=`` buffers untouched.
+What depends only on the arguments' signature is checked and planned once per signature
+(see :class:`_Plan`); every call checks its values. Every check happens before any kernel
+runs, so an exception leaves running statistics and ``out=`` buffers untouched.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _check_float(name: str, native: Any) -> None:
 # which checks only what depends on values (eps, momentum, arrays that overlap). This is
 # worth more than its isolated cost suggests: in a loop of calls each Python step after a
 # kernel runs several times slower than alone (the kernel flushed the interpreter's data
-# from the caches), and on (256, 1024) the steps of a call took 30 of its 110 us.
+# from the caches). Planned, a (256, 1024) forward-train call runs half the Python it ran
+# (606 bytecodes, not 1254) and took 95 us instead of 125 in the benchmark.
 _PLANS_KEPT = 256  # signatures; a program cycling through more re-plans rather than grows
 
 
