@@ -32,6 +32,7 @@ import numpy as np
 
 import batchnorm as bn
 from batchnorm import _bench
+from batchnorm._dispatch import registry
 
 BASELINE = Path(__file__).with_name("baseline.json")
 
@@ -102,6 +103,19 @@ def slowed_down(method, repeat: int = 2):
         return method(*args, **kwargs)
 
     return repeated
+
+
+def inject_slowdown(backend: bn.Backend, method: str, repeat: int = 2) -> None:
+    """Make ``backend.method`` (e.g. ``forward_eval``) do its work ``repeat`` times per call.
+
+    The public functions call what the backend planned for each call signature
+    (``plan_forward_eval`` and its siblings), so the plan method is wrapped too, and the
+    plans already made are forgotten."""
+    setattr(backend, method, slowed_down(getattr(backend, method), repeat))
+    plan = getattr(backend, f"plan_{method}", None)
+    if plan is not None:
+        setattr(backend, f"plan_{method}", lambda *args: slowed_down(plan(*args), repeat))
+    registry.plans.clear()
 
 
 def check(
@@ -186,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for spec in args.inject_slowdown:
         name, _, method = spec.partition(".")
-        backend = bn.get_backend(name)
-        setattr(backend, method, slowed_down(getattr(backend, method)))
+        inject_slowdown(bn.get_backend(name), method)
     cases = _bench.all_cases(args.shape or _bench.SHAPES, args.operation or _bench.OPERATIONS)
     print(f"measuring {', '.join(backends)} on {len(cases)} cases", file=sys.stderr)
     clock, progress = _bench.CLOCKS[args.clock], _bench.progress_bar(True)

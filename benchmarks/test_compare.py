@@ -10,6 +10,7 @@ import pytest
 
 import batchnorm as bn
 from batchnorm import _bench
+from batchnorm._dispatch import registry
 
 
 def test_compare_sorts_ratios_by_tolerance():
@@ -49,9 +50,10 @@ def test_check_catches_a_slowed_kernel(monkeypatch, compare_threads):
     cases = _bench.all_cases(["nchw"], ["forward-eval"], ["float32"])
     baseline = compare.measure_ratios([name], cases)
     backend = bn.get_backend(name)
-    monkeypatch.setattr(
-        backend, "forward_eval", compare.slowed_down(backend.forward_eval, repeat=3)
-    )
+    for method in ("forward_eval", "plan_forward_eval"):  # restored after the test
+        monkeypatch.setattr(backend, method, getattr(backend, method))
+    monkeypatch.setattr(registry, "plans", {})
+    compare.inject_slowdown(backend, "forward_eval", repeat=3)
     current, verdict = compare.check(baseline, [name], cases)
     assert verdict["regressed"] == [compare.key(name, cases[0])], (baseline, current)
 
