@@ -193,36 +193,30 @@ def _operands(x3: np.ndarray, out3: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return _input(x3), out, pending
 
 
-def _operands_as_they_are(x3: np.ndarray, out3: np.ndarray) -> tuple:
-    return x3, out3, None
-
-
-def _operands_as_rows(x3: np.ndarray, out3: np.ndarray) -> tuple:
-    return x3[:, :, 0], out3[:, :, 0], None
-
-
-def _operands_for(x3: np.ndarray, out3: np.ndarray) -> Any:
-    """:func:`_operands` for calls whose views have the shapes, strides and dtypes of these:
-    its common cases without its tests."""
-    if x3.dtype in _NUMBA_FLOATS and out3.dtype == x3.dtype:
-        if x3.flags.c_contiguous and out3.flags.c_contiguous:
-            _, C, L = x3.shape
-            if L != 1:
-                return _operands_as_they_are
-            if C > 1:
-                return _operands_as_rows
-    return _operands
-
-
-def _input_for(a3: np.ndarray) -> Any:
-    """:func:`_input` for calls whose view has the shape, strides and dtype of this one."""
+def _kernel_view_for(a3: np.ndarray) -> Any:
+    """How the kernels take views like ``a3`` without a copy (C-contiguous float32 or
+    float64): as they are (channels-first) or as rows (channels-last); None if they can't."""
     if a3.dtype in _NUMBA_FLOATS and a3.flags.c_contiguous:
         _, C, L = a3.shape
         if L != 1:
             return _as_it_is
         if C > 1:
             return _rows_of
-    return _input
+    return None
+
+
+def _input_for(a3: np.ndarray) -> Any:
+    """:func:`_input` for calls whose view has the shape, strides and dtype of this one."""
+    return _kernel_view_for(a3) or _input
+
+
+def _operands_for(x3: np.ndarray, out3: np.ndarray) -> Any:
+    """:func:`_operands` for calls whose views have the shapes, strides and dtypes of these:
+    its common cases without its tests."""
+    view = _kernel_view_for(x3)
+    if view is None or out3.dtype != x3.dtype or not out3.flags.c_contiguous:
+        return _operands
+    return lambda x3, out3: (view(x3), view(out3), None)
 
 
 def _as_it_is(a: Any) -> Any:
