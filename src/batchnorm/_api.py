@@ -52,7 +52,7 @@ def _check_float(name: str, native: Any) -> None:
 # worth more than its isolated cost suggests: in a loop of calls each Python step after a
 # kernel runs several times slower than alone (the kernel flushed the interpreter's data
 # from the caches). Planned, a (256, 1024) forward-train call runs half the Python it ran
-# (606 bytecodes, not 1254) and took 95 us instead of 125 in the benchmark.
+# (629 bytecodes, not 1254) and took 95 us instead of 125 in the benchmark.
 _PLANS_KEPT = 256  # signatures; a program cycling through more re-plans rather than grows
 
 
