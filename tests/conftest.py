@@ -83,6 +83,35 @@ def backend(request):
         _EXERCISED.add(name)
 
 
+@pytest.fixture
+def large_mean_case():
+    """Factory of ``(x, weight, bias, running, check)`` for a shape and channel axis with 16
+    channels: float32 values near 1e4 with a spread of 1, where the mean rounded to float32
+    is off by up to 5e-4 of a standard deviation. ``running`` holds the batch's own float64
+    mean and variance; ``check(y, what)`` asserts that y (host, x's shape) is within a few
+    float32 roundings of the normalization computed in long double, with either."""
+
+    def make(shape, axis):
+        rng = np.random.default_rng(8)
+        x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
+        w = rng.uniform(0.5, 1.5, 16).astype(np.float32)
+        b = rng.standard_normal(16).astype(np.float32)
+        values = np.moveaxis(x, axis, -1).reshape(-1, 16).astype(np.longdouble)
+        mean = values.mean(0)
+        var = np.square(values - mean).mean(0)
+        expected = (values - mean) / np.sqrt(var + 1e-5) * w + b
+
+        def check(y, what):
+            got = np.moveaxis(y, axis, -1).reshape(-1, 16)
+            error = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
+            # A few float32 roundings of y's own terms (eps 1.2e-7), not 1e4 of them.
+            assert error < 8 * np.finfo(np.float32).eps, f"{what}: {error:.2e}"
+
+        return x, w, b, (mean.astype(np.float64), var.astype(np.float64)), check
+
+    return make
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield

@@ -304,33 +304,21 @@ def test_large_mean_small_std_float32(backend):
 
 
 @pytest.mark.parametrize("axis", [1, -1], ids=["NCL", "NC"])
-def test_y_is_normalized_with_the_unrounded_mean(backend, axis):
+def test_y_is_normalized_with_the_unrounded_mean(backend, axis, large_mean_case):
     """float32 values near 1e4 with a spread of 1: the mean rounded to float32 is off by up
     to 5e-4 of a standard deviation, and y must not inherit that, in training (the batch
     mean) or in evaluation (a float64 running mean)."""
-    rng = np.random.default_rng(8)
     if backend.simulated:
         shape = (4, 16, 8) if axis == 1 else (32, 16)
     else:  # large enough for the numba backend's parallel paths
         shape = (32, 16, 2048) if axis == 1 else (65536, 16)
-    x = (1e4 + rng.standard_normal(shape)).astype(np.float32)
-    w = rng.uniform(0.5, 1.5, 16).astype(np.float32)
-    b = rng.standard_normal(16).astype(np.float32)
-    values = np.moveaxis(x, axis, -1).reshape(-1, 16).astype(np.longdouble)
-    mean = values.mean(0)
-    var = np.square(values - mean).mean(0)
-    expected = (values - mean) / np.sqrt(var + 1e-5) * w + b
-
+    x, w, b, running, check = large_mean_case(shape, axis)
     y, _, _ = bn.forward(*map(backend.put, (x, w, b)), axis=axis, backend=backend.name)
-    running = (mean.astype(np.float64), var.astype(np.float64))
     y_eval, _, _ = bn.forward(
         *map(backend.put, (x, w, b, *running)), training=False, axis=axis, backend=backend.name
     )
-    for mode, result in (("training", y), ("evaluation", y_eval)):
-        got = np.moveaxis(backend.get(result), axis, -1).reshape(-1, 16)
-        error = float(np.max(np.abs(got - expected)) / np.max(np.abs(expected)))
-        # A few float32 roundings of y's own terms (eps 1.2e-7), not 1e4 of them.
-        assert error < 8 * np.finfo(np.float32).eps, f"{mode}: {error:.2e}"
+    check(backend.get(y), "training")
+    check(backend.get(y_eval), "evaluation")
 
 
 # NumPy warns of inf - inf; the CUDA simulator's kernel threads are Python threads, which

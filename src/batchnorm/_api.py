@@ -220,10 +220,7 @@ class _Plan:
         """A 3-D view like those the calls of this plan pass for ``native`` (None: for a new
         output), without copying anything: the backend plans with it, and looks at its
         shape, strides and dtype only."""
-        backend = self.backend
-        if native is not None and geometry is not None:
-            return backend.strided_view(native, *geometry)
-        return backend.strided_view(backend.empty_like(x), *self.compact_geometry)
+        return self.output(native, geometry, x)[1]
 
 
 class _ForwardPlan(_Plan):
