@@ -348,7 +348,7 @@ def test_non_finite_values_propagate_as_in_the_reference(backend):
             )
         for name, g, w in zip(("y", "mean", "invstd"), got, want):
             g, what = backend.get(g), f"{name}, training={training}"
-            if name == "mean":  # Welford's and Chan's updates (cuda, cupy) meet inf - inf
+            if name == "mean":  # Welford's and Chan's updates (cuda, cupy, numba) meet inf - inf
                 infinite = np.isinf(w)
                 assert np.all((g[infinite] == w[infinite]) | np.isnan(g[infinite])), what
                 g, w = g[~infinite], w[~infinite]

@@ -13,9 +13,10 @@ they compile, and Numba's cache would not see it change here.
 TILE_ELEMENTS = 8192
 
 #: Channels-last: values per tile (a block of whole rows, or of COLUMN_BLOCK columns), at
-#: least MIN_ROWS_PER_TILE rows. 32768 float32 values are 128 KiB: the second pass reads
-#: from L2 (with the prefetched next tile, a quarter of it), and there are fewer partial
-#: rows to merge and fewer ends of streamed runs than with TILE_ELEMENTS. Against 8192, on 2
+#: least MIN_ROWS_PER_TILE rows. 32768 float32 values are 128 KiB: a tile and the next one,
+#: prefetched, share L2 with room, and there are fewer partial rows to merge and fewer ends
+#: of streamed runs than with TILE_ELEMENTS. Measured while the statistics still read each
+#: tile twice (the second time from L2); against 8192, on 2
 #: threads, float32: (100352, 64) forward-train 1.28x, forward-eval 1.13x, backward 1.21x
 #: faster; (50176, 128) 1.08x, 1.22x, 1.12x; (401408, 16) 1.08x, 1.14x, 1.07x; C >= 1024
 #: unchanged (MIN_ROWS_PER_TILE rules); (100000, 3) 0.98x (noise is about 3%). 65536 was no
@@ -27,9 +28,9 @@ COLUMN_BLOCK = 1024
 
 #: Channels-last: rows per tile at least this many, so the partial rows (16 bytes per column
 #: and row block) stay small next to the input, and fewer of them are zeroed and merged.
-#: Matters for C > 128: on (256, 1024), 64 rows (256 KiB tiles, the second pass from L2)
-#: made forward-train 1.14x and backward 1.15x faster than 16 rows; on (3136, 512), 1.36x
-#: and 1.2x.
+#: Matters for C > 128: on (256, 1024), 64 rows (256 KiB tiles) made forward-train 1.14x
+#: and backward 1.15x faster than 16 rows; on (3136, 512), 1.36x and 1.2x (measured with
+#: two-pass tile statistics).
 MIN_ROWS_PER_TILE = 64
 
 #: Inputs with fewer elements than this run single-threaded: below it a parallel launch
@@ -72,6 +73,8 @@ PREFETCH_BYTES = 8 << 20
 #: the one prefetched share L2 with room. On 2 threads, float32, 32 KiB tiles: statistics
 #: of (100352, 64) 1.16-1.2x faster, forward-train 1.08-1.19x; statistics of (401408, 16)
 #: 1.2x; with 256 KiB tiles, (8192, 1024), 1.1x slower. With 128 KiB tiles, prefetching
-#: made COLUMN_TILE_ELEMENTS = 32768 2-10% faster than 16384. Gradient sums (one pass,
-#: nothing to overlap) gained nothing measurable, so they do not prefetch.
+#: made COLUMN_TILE_ELEMENTS = 32768 2-10% faster than 16384. Those figures are of two-pass
+#: statistics (the second pass, from L2, overlapped the prefetch); the one-pass statistics
+#: gain too: (100352, 64) 1.16x, (50176, 128) 1.5x, (401408, 16) 1.0x. Gradient sums gained
+#: nothing measurable, so they do not prefetch.
 PREFETCH_TILE_BYTES = 128 << 10
