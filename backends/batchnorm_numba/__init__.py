@@ -13,10 +13,11 @@ Work is cut into tiles that depend only on the shape, never on the number of thr
 partial results are merged serially in tile order, so results are bit-identical for any
 ``NUMBA_NUM_THREADS``. Each tile's mean and M2 are float64: two passes over a
 channels-first tile (the second from cache), Welford's update by exact blocks of four rows
-over a channels-last one; tiles are merged with Chan's formula. The fused training passes run one channel per task while a channel fits in
-cache (``_config.RESIDENT_BYTES``), so the second read of ``x`` (and ``dy``) comes from
-cache; otherwise tiles of all channels are spread over the threads (C = 1 or 3 still uses
-every thread). Inputs under ``_config.SERIAL_ELEMENTS`` elements run on the calling thread.
+over a channels-last one; tiles are merged with Chan's formula. The fused training passes
+run one channel per task while a channel fits in cache (``_config.RESIDENT_BYTES``), so the
+second read of ``x`` (and ``dy``) comes from cache; otherwise tiles of all channels are
+spread over the threads (C = 1 or 3 still uses every thread). Inputs under
+``_config.SERIAL_ELEMENTS`` elements run on the calling thread.
 
 Threads
 -------
