@@ -23,8 +23,10 @@ import numpy as np
 
 import batchnorm as bn
 
-#: Named shapes ``(dims, channel axis)``: those of the performance targets plus a tiny one
-#: whose time is per-call overhead.
+#: Named shapes ``(dims, channel axis)``: those of the performance targets, a tiny one whose
+#: time is per-call overhead, and a wide one: channels-last rows longer than the numba
+#: backend's column block are cut into segments, a code path of its own (a copy per segment
+#: once made it 6-11x slower, unnoticed until this shape was measured).
 SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "nchw": ((32, 64, 56, 56), 1),
     "nchw-c3": ((64, 3, 224, 224), 1),
@@ -32,6 +34,7 @@ SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
     "2d": ((256, 1024), 1),
     "nhwc": ((32, 56, 56, 64), -1),
     "tiny": ((4, 8, 4, 4), 1),
+    "2d-wide": ((3136, 2048), 1),
 }
 OPERATIONS = ("forward-train", "forward-eval", "backward-train", "running-stats")
 #: float16 and float64 are measured on this shape only (float32 on all).
