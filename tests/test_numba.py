@@ -293,6 +293,57 @@ def test_phase_kernels_match_the_reference(monkeypatch, dtype, shape, axis):
         assert plain.tobytes() == streamed.tobytes()
 
 
+def _arrays_at(shape, dtype, gaps):
+    """Arrays of ``shape`` carved from one buffer, each starting ``gaps[k]`` bytes past a
+    4 KiB boundary."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.zeros(len(gaps) * (size + 8192), np.uint8)
+    arrays = []
+    for k, gap in enumerate(gaps):
+        start = k * (size + 8192)
+        start += (-(raw.ctypes.data + start)) % 4096 + gap
+        arrays.append(np.frombuffer(raw.data, dtype, int(np.prod(shape)), start).reshape(shape))
+    return arrays
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "axis"), [((8, 5, 300), 1), ((600, 37), 1), ((40, 1100), 1)])
+@pytest.mark.parametrize(
+    ("out_gap", "above"),
+    [(32, "x"), (2048 + 64, "dy"), (1024, None), (4096 - 32, None)],
+    ids=["just-above-x", "just-above-dy", "apart", "just-below-x"],
+)
+def test_streamed_runs_taken_last_to_first_store_the_same_bits(
+    monkeypatch, dtype, shape, axis, out_gap, above
+):
+    """A streamed run whose output starts just above an input modulo 4 KiB (4K aliasing:
+    arrays of one size allocated one after another) is taken last to first; its bits are
+    those of plain stores, in forward (both modes) and backward."""
+    from batchnorm_numba import _kernels
+
+    x, dy, out = _arrays_at(shape, dtype, [0, 2048, out_gap])
+    x[...], dy[...] = _data(shape, dtype), _data(shape, dtype, seed=1)
+    assert bool(_kernels.just_above(out, x)) == (above == "x")
+    assert bool(_kernels.just_above(out, dy)) == (above == "dy")
+    channels = shape[axis]
+    w, b = np.linspace(0.5, 1.5, channels, dtype=dtype), np.linspace(-1, 1, channels)
+    results = {}
+    for stream_bytes in (1 << 62, 0):
+        monkeypatch.setattr(_config, "STREAM_BYTES", stream_bytes)
+        monkeypatch.setattr(_config, "STREAM_RUN_BYTES", 0)
+        got = []
+        for training in (True, False):
+            rm, rv = np.zeros(channels, dtype), np.ones(channels, dtype)
+            y, *stats = bn.forward(x, w, b, rm, rv, training=training, out=out, backend="numba")
+            got += [y.copy(), *stats]
+        mean, invstd = got[1:3]
+        dx, *grads = bn.backward(dy, x, w, mean, invstd, out=out, backend="numba")
+        got += [dx.copy(), *grads]
+        results[stream_bytes] = got
+    for plain, streamed in zip(results[1 << 62], results[0]):
+        assert plain.tobytes() == streamed.tobytes()
+
+
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize(
     ("shape", "axis"),
