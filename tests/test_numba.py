@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import batchnorm as bn
+from batchnorm._dispatch import registry
 from batchnorm.testing import assert_close
 
 batchnorm_numba = pytest.importorskip("batchnorm_numba")
@@ -406,6 +407,7 @@ def test_prefetching_is_bit_identical(monkeypatch, dtype, shape):
     for prefetch in (False, True):
         monkeypatch.setattr(_config, "PREFETCH_BYTES", 0 if prefetch else 1 << 62)
         monkeypatch.setattr(_config, "PREFETCH_TILE_BYTES", 1 << 62)
+        monkeypatch.setattr(registry, "plans", {})  # a plan keeps the choice it was made with
         kernel_view = batchnorm_numba._input(x.reshape(-1, shape[-1], 1))
         column_blocks = kernel_view.shape[1] > _config.COLUMN_BLOCK
         assert batchnorm_numba._prefetch(kernel_view) is (prefetch and not column_blocks)
@@ -414,6 +416,35 @@ def test_prefetching_is_bit_identical(monkeypatch, dtype, shape):
         results[prefetch] = (y, mean, invstd, *stats)
     for plain, prefetched in zip(results[False], results[True]):
         assert plain.tobytes() == prefetched.tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1000, 7), (301, 64), (96, 5, 7, 64), (70, 1100)])
+def test_gradient_sums_by_row_match_the_reference(monkeypatch, dtype, shape):
+    """The channels-last gradient sums add one row at a time to their partial rows for inputs
+    from memory (``_config.GRAD_ROW_BYTES``), four otherwise: both agree with the reference,
+    through the fused backward and ``grad_sums``, for C under PERIODIC_COLUMNS (where the
+    choice does not apply), whole rows and column blocks."""
+    import batchnorm_numba
+
+    x, dy = _data(shape, dtype, offset=3.0), _data(shape, dtype, seed=1)
+    channels = shape[-1]
+    w = np.linspace(0.5, 1.5, channels).astype(np.float32 if dtype == np.float16 else dtype)
+    _, mean, invstd = bn.forward(x, axis=-1, backend="numpy")
+    expected = bn.backward(dy, x, w, mean, invstd, axis=-1, backend="numpy")
+    view = (-1, channels, 1)
+    expected_sums = bn.get_backend("numpy").grad_sums(dy.reshape(view), x.reshape(view), mean)
+    for by_row in (False, True):
+        monkeypatch.setattr(_config, "PREFETCH_BYTES", 0 if by_row else 1 << 62)
+        monkeypatch.setattr(_config, "GRAD_ROW_BYTES", 0)
+        monkeypatch.setattr(registry, "plans", {})  # a plan keeps the choice it was made with
+        assert batchnorm_numba._grad_by_row(batchnorm_numba._input(x.reshape(view))) is by_row
+        got = bn.backward(dy, x, w, mean, invstd, axis=-1, backend="numba")
+        for name, g, e in zip(("dx", "dweight", "dbias"), got, expected):
+            assert_close(g, e, dtype, f"{name}, by_row={by_row}")
+        sums = bn.get_backend("numba").grad_sums(dy.reshape(view), x.reshape(view), mean)
+        for name, g, e in zip(("sum_dy", "sum_dy_xmu"), sums, expected_sums):
+            assert_close(g, e, np.float64 if dtype == np.float64 else np.float32, name)
 
 
 # -- float16 conversions in the kernels --------------------------------------------------

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numba
@@ -275,14 +276,24 @@ def _resident(x: np.ndarray, arrays: int) -> bool:
     return C >= config.RESIDENT_MIN_CHANNELS and channel_bytes <= config.RESIDENT_BYTES
 
 
-def _fused_launch(x: np.ndarray, arrays: int, prefetch: bool) -> dict[bool, tuple]:
+def _grad_by_row(x: np.ndarray) -> bool:
+    """Whether the channels-last gradient sums add one row at a time to their partial rows,
+    not four: inputs from memory whose tile rows are long (``_config.GRAD_ROW_BYTES``)."""
+    if x.nbytes < config.PREFETCH_BYTES:
+        return False
+    return min(x.shape[1], config.COLUMN_BLOCK) * x.itemsize >= config.GRAD_ROW_BYTES
+
+
+def _fused_launch(
+    x: np.ndarray, arrays: int, how: Callable[[np.ndarray], bool]
+) -> dict[bool, tuple]:
     """The launch arguments of a fused kernel over ``arrays`` inputs like ``x``, for a
     parallel call (True) and a serial one (False, in a forked child): channels-last, the
-    tiling (and prefetching, for ``prefetch`` kernels); channels-first, the tile and whether
+    tiling and how the first pass reads a tile (``how(x)``: :func:`_prefetch` in the
+    forward, :func:`_grad_by_row` in the backward); channels-first, the tile and whether
     to run one task per resident channel, a parallel loop, so never in a serial call."""
     if x.ndim == 2:
-        tail = (*_tiling(x), _prefetch(x)) if prefetch else _tiling(x)
-        return dict.fromkeys((True, False), tail)
+        return dict.fromkeys((True, False), (*_tiling(x), how(x)))
     resident = _resident(x, arrays)
     return {True: (config.TILE_ELEMENTS, resident), False: (config.TILE_ELEMENTS, False)}
 
@@ -414,8 +425,10 @@ class NumbaBackend(Backend):
         x, dy = _input(x3), _input(dy3)
         mean = _param(mean, 0.0, x3.shape[1], _compute_dtype(x3.dtype))
         parallel = _is_parallel(x)
-        kernel = kernels.cols_grad_sums if x.ndim == 2 else kernels.rows_grad_sums
-        return _run(kernel, parallel, dy, x, mean, *_tiling(x), parallel)
+        if x.ndim == 2:
+            tail = (*_tiling(x), _grad_by_row(x), parallel)
+            return _run(kernels.cols_grad_sums, parallel, dy, x, mean, *tail)
+        return _run(kernels.rows_grad_sums, parallel, dy, x, mean, *_tiling(x), parallel)
 
     # -- phase 2 ---------------------------------------------------------------------------
     def normalize(self, x3, mean, invstd, weight, bias, out3):
@@ -466,7 +479,7 @@ class NumbaBackend(Backend):
         operands = _operands_for(x3, out3)
         x, _, _ = operands(x3, out3)
         kernel = kernels.cols_forward_train if x.ndim == 2 else kernels.rows_forward_train
-        launch = _fused_launch(x, arrays=1, prefetch=True)
+        launch = _fused_launch(x, arrays=1, how=_prefetch)
         parallel = _is_parallel(x)
         weight_of = _param_for(weight, 1.0, channels, ct)
         bias_of = _param_for(bias, 0.0, channels, ct)
@@ -548,7 +561,7 @@ class NumbaBackend(Backend):
         dy_of = _input_for(dy3)
         x, _, _ = operands(x3, out3)
         kernel = kernels.cols_backward_train if x.ndim == 2 else kernels.rows_backward_train
-        launch = _fused_launch(x, arrays=2, prefetch=False)
+        launch = _fused_launch(x, arrays=2, how=_grad_by_row)
         parallel = _is_parallel(x)
         mean_of = _param_for(mean, 0.0, channels, ct)
         invstd_of = _param_for(invstd, 1.0, channels, ct)

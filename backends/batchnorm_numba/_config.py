@@ -78,3 +78,15 @@ PREFETCH_BYTES = 8 << 20
 #: gain too: (100352, 64) 1.16x, (50176, 128) 1.5x, (401408, 16) 1.0x. Gradient sums gained
 #: nothing measurable, so they do not prefetch.
 PREFETCH_TILE_BYTES = 128 << 10
+
+#: Channels-last gradient sums over inputs of at least PREFETCH_BYTES (from memory) add one
+#: row at a time to the partial rows, instead of four, when a tile's rows (of at most
+#: COLUMN_BLOCK values) have at least this many bytes. Reading four rows at once runs four
+#: interleaved streams through each input, which the hardware prefetchers follow worse than
+#: one. Backward of 12.8-25.7 MB inputs, 2 threads, against four rows: float32 C = 128
+#: 1.27-1.43x, 256 1.21x, 512 1.16x faster, 1024 and 2048 0.98-0.99x; float64 C = 64 1.21x,
+#: 128 1.1-1.19x. Shorter rows gain little or lose: float32 C = 64 0.91-1.06x, float64
+#: C = 32 1.01-1.08x, float32 C = 16 to 48 0.9-1.0x. Inputs in cache keep four rows per
+#: update (less arithmetic on the partial rows): one row made (1024, 256) gradient sums
+#: 0.65-0.75x as fast.
+GRAD_ROW_BYTES = 512

@@ -1571,8 +1571,11 @@ def col_grad_sums_periodic(dy2, x2, block, m0, m1, mean64, sums_dy, sums_dy_xmu)
 
 
 @_helper
-def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu):
-    """Partial rows of tile t, four rows per update (see :func:`col_tile_mean_m2`)."""
+def col_partial_grad_sums(
+    dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu, by_row
+):
+    """Partial rows of tile t, four rows per update of them (each a load and a store), or
+    with ``by_row`` one (for inputs from memory: ``_config.GRAD_ROW_BYTES`` says why)."""
     M, C = x2.shape
     block, m0, m1, c0, c1 = col_tile(t, M, C, rows, cols, col_blocks)
     if C < PERIODIC_COLUMNS:
@@ -1585,7 +1588,7 @@ def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, s
     sum_dy_xmu[:] = 0.0
     x1, width, cols = flat_rows(x2, c0, c1)
     dy1 = dy2.reshape(-1)
-    quads = m0 + (m1 - m0) // 4 * 4
+    quads = m0 if by_row else m0 + (m1 - m0) // 4 * 4
     for m in range(m0, quads, 4):
         r0 = row_start(m, width, c0)
         r1 = r0 + width
@@ -1607,7 +1610,7 @@ def col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, s
 
 
 @_kernel
-def cols_grad_sums(dy2, x2, mean, tile, column_block, min_rows, parallel):
+def cols_grad_sums(dy2, x2, mean, tile, column_block, min_rows, by_row, parallel):
     M, C = x2.shape
     mean64 = mean.astype(np.float64)
     rows, cols, col_blocks, row_blocks = col_tiling(M, C, tile, column_block, min_rows)
@@ -1615,10 +1618,14 @@ def cols_grad_sums(dy2, x2, mean, tile, column_block, min_rows, parallel):
     sums_dy_xmu = np.empty((row_blocks, C))
     if parallel:
         for t in prange(np.uint64(row_blocks * col_blocks)):
-            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu)
+            col_partial_grad_sums(
+                dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu, by_row
+            )
     else:
         for t in range(np.uint64(row_blocks * col_blocks)):
-            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu)
+            col_partial_grad_sums(
+                dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu, by_row
+            )
     sum_dy = np.zeros(C)
     sum_dy_xmu = np.zeros(C)
     for block in range(row_blocks):
@@ -1687,9 +1694,10 @@ def cols_input_grad(dy2, x2, coefs, out2, tile, column_block, min_rows, stream, 
 
 @_kernel
 def cols_backward_train(
-    dy2, x2, mean, invstd, weight, out2, tile, column_block, min_rows, stream, parallel
+    dy2, x2, mean, invstd, weight, out2, tile, column_block, min_rows, by_row, stream, parallel
 ):
-    """Fused gradient sums and dx (tiles last to first); returns float64 sums."""
+    """Fused gradient sums (``by_row`` as in :func:`col_partial_grad_sums`) and dx (tiles
+    last to first); returns float64 sums."""
     M, C = x2.shape
     mean64, invstd64 = mean.astype(np.float64), invstd.astype(np.float64)
     weight64 = weight.astype(np.float64)
@@ -1699,10 +1707,14 @@ def cols_backward_train(
     sums_dy_xmu = np.empty((row_blocks, C))
     if parallel:
         for t in prange(np.uint64(tasks)):
-            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu)
+            col_partial_grad_sums(
+                dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu, by_row
+            )
     else:
         for t in range(np.uint64(tasks)):
-            col_partial_grad_sums(dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu)
+            col_partial_grad_sums(
+                dy2, x2, t, rows, cols, col_blocks, mean64, sums_dy, sums_dy_xmu, by_row
+            )
     sum_dy = np.zeros(C)
     sum_dy_xmu = np.zeros(C)
     for block in range(row_blocks):
