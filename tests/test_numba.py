@@ -423,8 +423,8 @@ def test_prefetching_is_bit_identical(monkeypatch, dtype, shape):
 def test_gradient_sums_by_row_match_the_reference(monkeypatch, dtype, shape):
     """The channels-last gradient sums add one row at a time to their partial rows for inputs
     from memory (``_config.GRAD_ROW_BYTES``), four otherwise: both agree with the reference,
-    through the fused backward and ``grad_sums``, for C under PERIODIC_COLUMNS (where the
-    choice does not apply), whole rows and column blocks."""
+    through the fused backward and ``grad_sums``, for whole rows, and for C under
+    PERIODIC_COLUMNS and column blocks, where the choice does not apply."""
     import batchnorm_numba
 
     x, dy = _data(shape, dtype, offset=3.0), _data(shape, dtype, seed=1)
@@ -438,7 +438,9 @@ def test_gradient_sums_by_row_match_the_reference(monkeypatch, dtype, shape):
         monkeypatch.setattr(_config, "PREFETCH_BYTES", 0 if by_row else 1 << 62)
         monkeypatch.setattr(_config, "GRAD_ROW_BYTES", 0)
         monkeypatch.setattr(registry, "plans", {})  # a plan keeps the choice it was made with
-        assert batchnorm_numba._grad_by_row(batchnorm_numba._input(x.reshape(view))) is by_row
+        kernel_view = batchnorm_numba._input(x.reshape(view))
+        applies = by_row and channels <= _config.COLUMN_BLOCK  # not for column blocks
+        assert batchnorm_numba._grad_by_row(kernel_view) is applies
         got = bn.backward(dy, x, w, mean, invstd, axis=-1, backend="numba")
         for name, g, e in zip(("dx", "dweight", "dbias"), got, expected):
             assert_close(g, e, dtype, f"{name}, by_row={by_row}")

@@ -250,9 +250,9 @@ def _stream(out: np.ndarray) -> bool:
         return False
     if not out.flags.aligned:  # no run of whole elements reaches a 32-byte boundary: the
         return False  # aligned vector stores would fault (np.frombuffer(..., offset=1))
-    if out.ndim == 2:  # a tile of whole rows is one run; a tile of a column block, one per row
-        rows, cols, col_blocks, _ = kernels.col_tiling(*out.shape, *_tiling(out))
-        run = rows * cols if col_blocks == 1 else cols
+    if out.ndim == 2:  # a tile of the elementwise passes, whole rows, is one run
+        rows, _ = kernels.elementwise_tiling(*out.shape, *_tiling(out))
+        run = rows * out.shape[1]
     else:
         run = out.shape[2]
     return run * out.itemsize >= config.STREAM_RUN_BYTES
@@ -278,10 +278,11 @@ def _resident(x: np.ndarray, arrays: int) -> bool:
 
 def _grad_by_row(x: np.ndarray) -> bool:
     """Whether the channels-last gradient sums add one row at a time to their partial rows,
-    not four: inputs from memory whose tile rows are long (``_config.GRAD_ROW_BYTES``)."""
-    if x.nbytes < config.PREFETCH_BYTES:
+    not four: inputs from memory whose rows are long, and not cut into column blocks
+    (``_config.GRAD_ROW_BYTES``)."""
+    if x.nbytes < config.PREFETCH_BYTES or x.shape[1] > config.COLUMN_BLOCK:
         return False
-    return min(x.shape[1], config.COLUMN_BLOCK) * x.itemsize >= config.GRAD_ROW_BYTES
+    return x.shape[1] * x.itemsize >= config.GRAD_ROW_BYTES
 
 
 def _fused_launch(

@@ -23,7 +23,8 @@ TILE_ELEMENTS = 8192
 #: better.
 COLUMN_TILE_ELEMENTS = 32768
 
-#: Channels-last: columns per tile, so a tile's float64 partial rows stay in L1.
+#: Channels-last: columns per tile of the reductions, so a tile's float64 partial rows stay in
+#: L1 (the elementwise passes keep rows whole: ``_kernels.elementwise_tiling``).
 COLUMN_BLOCK = 1024
 
 #: Channels-last: rows per tile at least this many, so the partial rows (16 bytes per column
@@ -58,8 +59,8 @@ RESIDENT_MIN_CHANNELS = 16
 STREAM_BYTES = 8 << 20
 
 #: ... and whose contiguous runs have at least this many bytes: channels-first, rows of L
-#: values; channels-last, a whole tile when it spans all C channels (C <= COLUMN_BLOCK), else
-#: rows of COLUMN_BLOCK values. Each run starts and ends with plain stores up to 32-byte
+#: values; channels-last, a whole tile of the elementwise passes (whole rows, however many
+#: columns). Each run starts and ends with plain stores up to 32-byte
 #: boundaries, and a cache line written both ways is slow: streaming (32, 56, 56, 64)
 #: channels-last row by row (256-byte runs) made forward-eval 2.6x slower; as whole tiles,
 #: 1.1-1.2x faster.
@@ -80,11 +81,12 @@ PREFETCH_BYTES = 8 << 20
 PREFETCH_TILE_BYTES = 128 << 10
 
 #: Channels-last gradient sums over inputs of at least PREFETCH_BYTES (from memory) add one
-#: row at a time to the partial rows, instead of four, when a tile's rows (of at most
-#: COLUMN_BLOCK values) have at least this many bytes. Reading four rows at once runs four
-#: interleaved streams through each input, which the hardware prefetchers follow worse than
-#: one. Backward of 12.8-25.7 MB inputs, 2 threads, against four rows: float32 C = 128
-#: 1.27-1.43x, 256 1.21x, 512 1.16x faster, 1024 and 2048 0.98-0.99x; float64 C = 64 1.21x,
+#: row at a time to the partial rows, instead of four, when rows have at least this many
+#: bytes (and at most COLUMN_BLOCK values). Reading four rows at once runs four interleaved
+#: streams through each input, which the hardware prefetchers follow worse than one.
+#: Backward of 12.8-25.7 MB inputs, 2 threads, against four rows: float32 C = 128
+#: 1.27-1.43x, 256 1.21x, 512 1.16x faster, 1024 0.99x; the gradient sums of (3136, 2048),
+#: in column blocks, 0.57x, hence the ceiling; float64 C = 64 1.21x,
 #: 128 1.1-1.19x. Shorter rows gain little or lose: float32 C = 64 0.91-1.06x, float64
 #: C = 32 1.01-1.08x, float32 C = 16 to 48 0.9-1.0x. Inputs in cache keep four rows per
 #: update (less arithmetic on the partial rows): one row made (1024, 256) gradient sums
