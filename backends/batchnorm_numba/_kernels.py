@@ -440,8 +440,9 @@ def run_coefficients(v, total, C, head, width):
 
 
 # -- prefetching -------------------------------------------------------------------------------
-# The first pass over a channels-last tile reads it from memory, the second from L1/L2, and
-# while it does the memory bus idles: prefetching the next tile then keeps it busy. Hints
+# The statistics pass over a channels-last tile reads it from memory while its arithmetic
+# (float64, per block of four rows) keeps the core busy; prefetching the next tile keeps the
+# memory bus busy meanwhile, which the hardware prefetchers alone do not (``_config``). Hints
 # only: a prefetch changes no result and never faults (the addresses are clipped anyway).
 CACHE_LINE_BYTES = 64
 
