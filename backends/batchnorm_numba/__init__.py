@@ -222,6 +222,14 @@ def _operands_for(x3: np.ndarray, out3: np.ndarray) -> Any:
     return lambda x3, out3: (view(x3), view(out3), None)
 
 
+def _planned_kernel(x3: np.ndarray, out3: np.ndarray, cols_kernel: Any, rows_kernel: Any):
+    """``(operands, x, kernel)`` of a plan: :func:`_operands_for`, x's kernel view, and the
+    kernel of its layout (channels-last ``cols_*`` for a 2-D view, else ``rows_*``)."""
+    operands = _operands_for(x3, out3)
+    x, _, _ = operands(x3, out3)
+    return operands, x, cols_kernel if x.ndim == 2 else rows_kernel
+
+
 def _as_it_is(a: Any) -> Any:
     return a
 
@@ -477,9 +485,9 @@ class NumbaBackend(Backend):
     def plan_forward_train(self, x3, weight, bias, out3, running_mean, running_var):
         channels, count = x3.shape[1], x3.shape[0] * x3.shape[2]
         ct = _compute_dtype(x3.dtype)
-        operands = _operands_for(x3, out3)
-        x, _, _ = operands(x3, out3)
-        kernel = kernels.cols_forward_train if x.ndim == 2 else kernels.rows_forward_train
+        operands, x, kernel = _planned_kernel(
+            x3, out3, kernels.cols_forward_train, kernels.rows_forward_train
+        )
         launch = _fused_launch(x, arrays=1, how=_prefetch)
         parallel = _is_parallel(x)
         weight_of = _param_for(weight, 1.0, channels, ct)
@@ -525,9 +533,9 @@ class NumbaBackend(Backend):
             return super().forward_eval  # the composed default
         channels = x3.shape[1]
         ct = _compute_dtype(x3.dtype)
-        operands = _operands_for(x3, out3)
-        x, _, _ = operands(x3, out3)
-        kernel = kernels.cols_forward_eval if x.ndim == 2 else kernels.rows_forward_eval
+        operands, x, kernel = _planned_kernel(
+            x3, out3, kernels.cols_forward_eval, kernels.rows_forward_eval
+        )
         tiling = _tiling(x)
         parallel = _is_parallel(x)
         # weight and bias keep their dtype (the kernel widens them), like the running stats.
@@ -558,10 +566,10 @@ class NumbaBackend(Backend):
     def plan_backward_train(self, dy3, x3, mean, invstd, weight, out3):
         channels = x3.shape[1]
         ct = _compute_dtype(x3.dtype)
-        operands = _operands_for(x3, out3)
+        operands, x, kernel = _planned_kernel(
+            x3, out3, kernels.cols_backward_train, kernels.rows_backward_train
+        )
         dy_of = _input_for(dy3)
-        x, _, _ = operands(x3, out3)
-        kernel = kernels.cols_backward_train if x.ndim == 2 else kernels.rows_backward_train
         launch = _fused_launch(x, arrays=2, how=_grad_by_row)
         parallel = _is_parallel(x)
         mean_of = _param_for(mean, 0.0, channels, ct)
