@@ -397,20 +397,24 @@ def test_streaming_stores_are_bit_identical_to_plain_stores(
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1000, 7), (301, 64), (96, 5, 7, 64), (70, 1100)])
 def test_prefetching_is_bit_identical(monkeypatch, dtype, shape):
-    """Prefetching the next channels-last tile in the statistics pass (inputs of
-    PREFETCH_BYTES and more) changes no bit, including the last tiles, whose prefetches
-    would reach past the array and are clipped."""
+    """Prefetching in the channels-last statistics pass (inputs of PREFETCH_BYTES and more:
+    a few KiB ahead, or the next tile of few channels) changes no bit, including the last
+    tiles, whose prefetches would reach past the array and are clipped."""
     import batchnorm_numba
+    from batchnorm_numba._kernels import PERIODIC_COLUMNS
 
     x = _data(shape, dtype, offset=3.0)
     results = {}
     for prefetch in (False, True):
         monkeypatch.setattr(_config, "PREFETCH_BYTES", 0 if prefetch else 1 << 62)
         monkeypatch.setattr(_config, "PREFETCH_TILE_BYTES", 1 << 62)
+        monkeypatch.setattr(_config, "PREFETCH_ROW_BYTES", 1 << 62)
         monkeypatch.setattr(registry, "plans", {})  # a plan keeps the choice it was made with
         kernel_view = batchnorm_numba._input(x.reshape(-1, shape[-1], 1))
-        column_blocks = kernel_view.shape[1] > _config.COLUMN_BLOCK
-        assert batchnorm_numba._prefetch(kernel_view) is (prefetch and not column_blocks)
+        C = kernel_view.shape[1]
+        # float16 prefetches only tiles of few channels, summed flat
+        prefetched = C <= _config.COLUMN_BLOCK and (dtype != np.float16 or C < PERIODIC_COLUMNS)
+        assert (batchnorm_numba._prefetch(kernel_view) > 0) is (prefetch and prefetched)
         y, mean, invstd = bn.forward(x, axis=-1, backend="numba")
         stats = bn.get_backend("numba").channel_stats(x.reshape(-1, shape[-1], 1))
         results[prefetch] = (y, mean, invstd, *stats)

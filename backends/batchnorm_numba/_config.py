@@ -67,17 +67,29 @@ STREAM_BYTES = 8 << 20
 STREAM_RUN_BYTES = 2048
 
 #: Channels-last statistics passes (channel_stats, forward-train) over inputs of at least
-#: this many bytes prefetch the next tile (smaller inputs are likely in cache already) ...
+#: this many bytes prefetch (smaller inputs are likely in cache already) ...
 PREFETCH_BYTES = 8 << 20
 
-#: ... when a tile has at most this many bytes (float32: C <= 512), so the tile read and
-#: the one prefetched share L2 with room. On 2 threads, float32, 32 KiB tiles: statistics
-#: of (100352, 64) 1.16-1.2x faster, forward-train 1.08-1.19x; statistics of (401408, 16)
-#: 1.2x; with 256 KiB tiles, (8192, 1024), 1.1x slower. With 128 KiB tiles, prefetching
-#: made COLUMN_TILE_ELEMENTS = 32768 2-10% faster than 16384. Those figures are of two-pass
-#: statistics (the second pass, from L2, overlapped the prefetch); the one-pass statistics
-#: gain too: (100352, 64) 1.16x, (50176, 128) 1.5x, (401408, 16) 1.0x. Gradient sums gained
-#: nothing measurable, so they do not prefetch.
+#: ... in float32 or float64 with rows of at most PREFETCH_ROW_BYTES, this far ahead: each
+#: block of four rows prefetches the values this many bytes past it. Measured on 2 threads,
+#: statistics alone, against prefetching the next tile (what an earlier host preferred,
+#: below) and against none: float32 (100352, 64) 1.6x and 1.4x faster, (50176, 128)
+#: 1.8-2.1x and 1.4-1.6x, (200704, 32) 1.2x and 1.4x, (401408, 16) 1.03x and 1.05x;
+#: float64 (100352, 64) 1.8x and 1.35x, (200704, 32) 1.7x and 0.95x. 2 and 8 KiB did
+#: about as well; the four rows read at once are 1-2 KiB, so this is one to four blocks.
+PREFETCH_DISTANCE_BYTES = 4 << 10
+
+#: ... (rows of more bytes do not prefetch: float32 (25088, 256) 0.9-1.0x as fast with 2-8
+#: KiB as with none, (12544, 512) 1.0x; the next tile, 0.9x and 0.95x; float16 inputs do
+#: not prefetch either: (100352, 64) 0.86x, (50176, 128) 0.9-1.0x) ...
+PREFETCH_ROW_BYTES = 512
+
+#: ... and tiles of whole rows with C < PERIODIC_COLUMNS, summed flat, prefetch the next
+#: tile when it has at most this many bytes: (2000000, 3) float32 1.3x faster than with
+#: none or with 2-8 KiB. On an earlier host the next tile was best for every channels-last
+#: tile of 128 KiB: (100352, 64) statistics 1.16x faster than none, (50176, 128) 1.5x,
+#: (401408, 16) 1.2x; on the host that measured the distance above it was 0.57-1.0x as
+#: fast as none for C >= 16, float32 and float64.
 PREFETCH_TILE_BYTES = 128 << 10
 
 #: Channels-last gradient sums over inputs of at least PREFETCH_BYTES (from memory) add one
