@@ -76,7 +76,8 @@ PREFETCH_BYTES = 8 << 20
 #: below) and against none: float32 (100352, 64) 1.6x and 1.4x faster, (50176, 128)
 #: 1.8-2.1x and 1.4-1.6x, (200704, 32) 1.2x and 1.4x, (401408, 16) 1.03x and 1.05x;
 #: float64 (100352, 64) 1.8x and 1.35x, (200704, 32) 1.7x and 0.95x. 2 and 8 KiB did
-#: about as well; the four rows read at once are 1-2 KiB, so this is one to four blocks.
+#: about as well; the four rows read at once are 256 bytes to 2 KiB, so this is 2 to 16
+#: blocks ahead. (200704, 32) was measured with a copy of the kernel, the rest as it is.
 PREFETCH_DISTANCE_BYTES = 4 << 10
 
 #: ... (rows of more bytes do not prefetch: float32 (25088, 256) 0.9-1.0x as fast with 2-8
