@@ -302,13 +302,14 @@ def _grad_by_row(x: np.ndarray) -> bool:
 
 
 def _fused_launch(
-    x: np.ndarray, arrays: int, how: Callable[[np.ndarray], bool]
+    x: np.ndarray, arrays: int, how: Callable[[np.ndarray], int]
 ) -> dict[bool, tuple]:
     """The launch arguments of a fused kernel over ``arrays`` inputs like ``x``, for a
     parallel call (True) and a serial one (False, in a forked child): channels-last, the
-    tiling and how the first pass reads a tile (``how(x)``: :func:`_prefetch` in the
-    forward, :func:`_grad_by_row` in the backward); channels-first, the tile and whether
-    to run one task per resident channel, a parallel loop, so never in a serial call."""
+    tiling and how the first pass reads a tile (``how(x)``: :func:`_prefetch`'s distance
+    in the forward, :func:`_grad_by_row`'s flag in the backward); channels-first, the tile
+    and whether to run one task per resident channel, a parallel loop, so never in a serial
+    call."""
     if x.ndim == 2:
         return dict.fromkeys((True, False), (*_tiling(x), how(x)))
     resident = _resident(x, arrays)
